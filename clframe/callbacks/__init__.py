@@ -1,0 +1,3 @@
+from clframe.callbacks.base import ContinualCallback
+
+__all__ = ["ContinualCallback"]

@@ -1,0 +1,174 @@
+"""ContinualDataModule: a TaskStream plus a task pointer, served through Lightning's data hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clframe.data.scenarios import ScenarioError, class_incremental, domain_incremental, task_incremental
+from clframe.data.sources import load_source
+from clframe.data.stream import Batch, TaskDataset, TaskStream, passthrough_collate
+
+
+class ConcatTaskDataset(Dataset):
+    """Several task datasets as one, keeping the batched ``__getitems__`` path (used by Joint)."""
+
+    def __init__(self, datasets: Sequence[TaskDataset]) -> None:
+        self.datasets = list(datasets)
+        self.offsets = torch.tensor([0] + [len(d) for d in self.datasets]).cumsum(0)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitems__(self, positions: Sequence[int]) -> Batch:
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        which = torch.searchsorted(self.offsets, pos, right=True) - 1
+        parts, order = [], []
+        for d in which.unique().tolist():
+            sel = (which == d).nonzero().flatten()
+            parts.append(self.datasets[d].__getitems__(pos[sel] - self.offsets[d]))
+            order.append(sel)
+        inverse = torch.cat(order).argsort()
+        return tuple(torch.cat([p[k] for p in parts])[inverse] for k in range(3))  # type: ignore[return-value]
+
+
+TrainScope = Literal["current", "seen", "all"]
+
+
+class ContinualDataModule(L.LightningDataModule):
+    """Builds a task stream from a named source and serves the task the trainer points at.
+
+    ``train_dataloader`` serves the current task (or every seen task when a strategy such as Joint
+    sets ``train_scope="seen"``); ``val/test_dataloader`` serve one loader per seen task, in task
+    order, so ``dataloader_idx`` equals the task id. Batches are ``(uint8 x, label, task id)``;
+    strategies normalise on the device.
+    """
+
+    def __init__(
+        self,
+        source: str = "digits",
+        scenario: Literal["class", "task", "domain"] = "class",
+        n_tasks: int | None = 5,
+        classes_per_task: int | None = None,
+        first_task_classes: int | None = None,
+        class_order: list[int] | None = None,
+        shuffle_classes: bool = False,
+        domain: Literal["permutation", "rotation", "datasets"] = "permutation",
+        domain_sources: list[str] | None = None,
+        angles: list[float] | None = None,
+        data_root: str | None = None,
+        download: bool = False,
+        source_options: dict[str, Any] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        val_fraction: float = 0.0,
+        train_samples_per_class: int | None = None,
+        test_samples_per_class: int | None = None,
+        eval_all_tasks: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ScenarioError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        self.current_task = 0
+        self.train_scope: TrainScope = "current"
+        self._stream: TaskStream | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_stream(cls, stream: TaskStream, **kwargs: Any) -> ContinualDataModule:
+        """Serve an already built stream (Python API)."""
+        dm = cls(**kwargs)
+        dm._stream = stream
+        return dm
+
+    def _load(self, name: str, download: bool):
+        return load_source(name, root=self.hparams.data_root, download=download, **(self.hparams.source_options or {}))
+
+    def prepare_data(self) -> None:
+        """Downloads (once, on rank 0) when asked to; the stream itself is built in ``setup``."""
+        if self.hparams.download and self._stream is None:
+            for name in self.hparams.domain_sources or [self.hparams.source]:
+                self._load(name, download=True)
+
+    def build_stream(self) -> TaskStream:
+        h = self.hparams
+        limits = dict(seed=h.seed, val_fraction=h.val_fraction, train_samples_per_class=h.train_samples_per_class,
+                      test_samples_per_class=h.test_samples_per_class)
+        if h.scenario == "domain":
+            names = h.domain_sources if h.domain == "datasets" else [h.source]
+            if not names:
+                raise ScenarioError("scenario='domain' with domain='datasets' needs domain_sources: a list of data set names")
+            sources = [self._load(n, download=False) for n in names]
+            return domain_incremental(sources, kind=h.domain, n_tasks=h.n_tasks, angles=h.angles, **limits)
+        builder = {"class": class_incremental, "task": task_incremental}.get(h.scenario)
+        if builder is None:
+            raise ScenarioError(f"unknown scenario {h.scenario!r}; allowed: class, task, domain")
+        return builder(self._load(h.source, download=False), n_tasks=h.n_tasks, classes_per_task=h.classes_per_task,
+                       first_task_classes=h.first_task_classes, class_order=h.class_order,
+                       shuffle_classes=h.shuffle_classes, **limits)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._stream is None:
+            self._stream = self.build_stream()
+
+    @property
+    def stream(self) -> TaskStream:
+        if self._stream is None:
+            self.setup()
+        assert self._stream is not None
+        return self._stream
+
+    def set_task(self, task_id: int) -> None:
+        if not 0 <= task_id < len(self.stream):
+            raise IndexError(f"task {task_id} is out of range for a stream of {len(self.stream)} tasks")
+        self.current_task = task_id
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+            collate_fn=passthrough_collate, persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available() and workers > 0,
+        )
+
+    def train_dataset(self) -> Dataset:
+        tasks = self.stream.tasks
+        if self.train_scope == "current":
+            return tasks[self.current_task].train
+        upto = len(tasks) if self.train_scope == "all" else self.current_task + 1
+        return ConcatTaskDataset([t.train for t in tasks[:upto]])
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset(), self.hparams.batch_size, shuffle=True)
+
+    def _eval_tasks(self):
+        tasks = self.stream.tasks
+        return tasks if self.hparams.eval_all_tasks else tasks[: self.current_task + 1]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(t.val, self.hparams.eval_batch_size, False) for t in self._eval_tasks() if t.val is not None]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(t.test, self.hparams.eval_batch_size, False) for t in self._eval_tasks()]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"current_task": self.current_task, "signature": self.stream.signature()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("signature")
+        if saved is not None and saved != self.stream.signature():
+            raise ScenarioError(
+                "this checkpoint was written for a different task stream (data set, class order, split or seed "
+                "differ). Resume with the config that produced it, or start a new run without --ckpt_path."
+            )
+        self.current_task = int(state_dict["current_task"])
+

@@ -1,0 +1,275 @@
+"""Scenario builders: turn a loaded data source into a :class:`TaskStream`.
+
+Class- and task-incremental streams split the classes; labels are remapped to the class order,
+so task 0 always owns the lowest label ids and "classes seen so far" is a prefix. Domain-
+incremental streams keep the label space and change the inputs (permuted or rotated pixels, or
+a sequence of data sets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from clframe.data.sources import SourceData
+from clframe.data.stream import Task, TaskDataset, TaskStream
+
+
+class ScenarioError(ValueError):
+    """A scenario's arguments do not describe a valid stream; the message says how to fix them."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _limit_per_class(labels: Tensor, classes: Sequence[int], limit: int | None, gen: torch.Generator) -> Tensor:
+    """Indices of the samples of ``classes`` (in label space), at most ``limit`` per class, seeded."""
+    picks = []
+    for c in classes:
+        idx = (labels == c).nonzero().flatten()
+        if limit is not None and len(idx) > limit:
+            idx = idx[torch.randperm(len(idx), generator=gen)[:limit]].sort().values
+        picks.append(idx)
+    return torch.cat(picks) if picks else torch.empty(0, dtype=torch.long)
+
+
+def _split_val(indices: Tensor, fraction: float, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    if not fraction:
+        return indices, None
+    if not 0.0 < fraction < 1.0:
+        raise ScenarioError(f"val_fraction must be in [0, 1), got {fraction}")
+    perm = indices[torch.randperm(len(indices), generator=gen)]
+    n_val = max(1, int(round(fraction * len(indices))))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def resolve_class_order(num_classes: int, class_order: Sequence[int] | None, seed: int | None) -> list[int]:
+    """The order in which classes arrive: given explicitly, seeded permutation, or natural order."""
+    if class_order is not None:
+        order = [int(c) for c in class_order]
+        unknown = sorted({c for c in order if not 0 <= c < num_classes})
+        if unknown:
+            raise ScenarioError(
+                f"class_order names classes {unknown} that the data set does not have; valid class ids are "
+                f"0..{num_classes - 1}."
+            )
+        dupes = sorted({c for c in order if order.count(c) > 1})
+        if dupes:
+            raise ScenarioError(f"class_order lists classes {dupes} more than once; give each class once.")
+        return order
+    if seed is None:
+        return list(range(num_classes))
+    return torch.randperm(num_classes, generator=_generator(seed)).tolist()
+
+
+def split_classes(
+    n_classes: int, n_tasks: int | None, classes_per_task: int | None, first_task_classes: int | None
+) -> list[int]:
+    """Number of classes in each task, checked: every task non-empty and all classes used."""
+    first = first_task_classes
+    if first is not None and not 0 < first <= n_classes:
+        raise ScenarioError(f"first_task_classes must be in 1..{n_classes}, got {first}")
+    rest = n_classes - (first or 0)
+    rest_tasks = None if n_tasks is None else n_tasks - (1 if first else 0)
+    if n_tasks is not None and n_tasks < 1:
+        raise ScenarioError(f"n_tasks must be at least 1, got {n_tasks}")
+    if classes_per_task is not None and classes_per_task < 1:
+        raise ScenarioError(f"classes_per_task must be at least 1, got {classes_per_task}")
+    if classes_per_task is None and rest_tasks is None:
+        raise ScenarioError("give n_tasks or classes_per_task (or both) to split the classes into tasks")
+    if classes_per_task is None:
+        if rest_tasks == 0:
+            if rest:
+                raise ScenarioError(f"{rest} classes are left after the first task but no task to hold them")
+            return [first]
+        if rest % rest_tasks:
+            raise ScenarioError(
+                f"{rest} classes cannot be split evenly into {rest_tasks} tasks; choose n_tasks dividing {rest} "
+                f"(e.g. {[d for d in range(1, rest + 1) if rest % d == 0]}), or set classes_per_task, "
+                "first_task_classes or a shorter class_order."
+            )
+        classes_per_task = rest // rest_tasks
+    if rest % classes_per_task:
+        raise ScenarioError(
+            f"{rest} classes do not divide into tasks of {classes_per_task}; choose classes_per_task dividing "
+            f"{rest}, set first_task_classes, or give a class_order with a multiple of {classes_per_task} classes."
+        )
+    counts = ([first] if first else []) + [classes_per_task] * (rest // classes_per_task)
+    if n_tasks is not None and len(counts) != n_tasks:
+        raise ScenarioError(
+            f"n_tasks={n_tasks} and classes_per_task={classes_per_task} (first_task_classes={first}) do not fit "
+            f"{n_classes} classes: that split gives {len(counts)} tasks. Drop one of the two arguments, or give "
+            "a class_order with only the classes you want."
+        )
+    if not counts or min(counts) < 1:
+        raise ScenarioError("the split leaves a task without classes")
+    return counts
+
+
+# ----------------------------------------------------------------------------- class/task-incremental
+def class_incremental(
+    source: SourceData,
+    n_tasks: int | None = None,
+    classes_per_task: int | None = None,
+    first_task_classes: int | None = None,
+    class_order: Sequence[int] | None = None,
+    shuffle_classes: bool = False,
+    seed: int = 0,
+    val_fraction: float = 0.0,
+    train_samples_per_class: int | None = None,
+    test_samples_per_class: int | None = None,
+    scenario: str = "class",
+) -> TaskStream:
+    """Split a source's classes into tasks.
+
+    ``class_order`` fixes the order explicitly (it may list a subset of the classes); otherwise the
+    natural order is used, or a permutation seeded by ``seed`` when ``shuffle_classes`` is set.
+    ``first_task_classes`` gives a larger first task ("B50-inc10": 50 then 10 per task).
+    Labels are remapped to positions in the class order.
+    """
+    order = resolve_class_order(source.num_classes, class_order, seed if shuffle_classes else None)
+    counts = split_classes(len(order), n_tasks, classes_per_task, first_task_classes)
+    gen = _generator(seed)
+    label_map = torch.full((source.num_classes,), -1, dtype=torch.long)
+    label_map[torch.tensor(order)] = torch.arange(len(order))
+    train_y, test_y = label_map[source.train_y], label_map[source.test_y]
+
+    tasks, start = [], 0
+    for t, n in enumerate(counts):
+        classes = tuple(range(start, start + n))
+        start += n
+        train_idx = _limit_per_class(train_y, classes, train_samples_per_class, gen)
+        test_idx = _limit_per_class(test_y, classes, test_samples_per_class, gen)
+        if len(train_idx) == 0 or len(test_idx) == 0:
+            names = [source.class_names[order[c]] for c in classes]
+            raise ScenarioError(f"task {t} (classes {names}) has no {'training' if len(train_idx) == 0 else 'test'} samples")
+        train_idx, val_idx = _split_val(train_idx, val_fraction, gen)
+        tasks.append(Task(
+            id=t, classes=classes,
+            train=TaskDataset(source.train_x, train_y, t, train_idx),
+            test=TaskDataset(source.test_x, test_y, t, test_idx),
+            val=None if val_idx is None else TaskDataset(source.train_x, train_y, t, val_idx),
+        ))
+    return TaskStream(
+        name=f"split_{source.name}", scenario=scenario, tasks=tasks, num_classes=len(order),
+        input_shape=tuple(source.input_shape), mean=tuple(source.mean), std=tuple(source.std),
+        class_names=[source.class_names[c] for c in order], seed=seed,
+        description={"class_order": order, "counts": counts, "val_fraction": val_fraction,
+                     "train_limit": train_samples_per_class, "test_limit": test_samples_per_class},
+    )
+
+
+def task_incremental(source: SourceData, **kwargs) -> TaskStream:
+    """The class-incremental split with the task id available at test time."""
+    return class_incremental(source, scenario="task", **kwargs)
+
+
+# ----------------------------------------------------------------------------- domain-incremental
+class PermutePixels:
+    """Applies one fixed pixel permutation (the same for every channel) to a uint8 batch."""
+
+    def __init__(self, permutation: Tensor) -> None:
+        self.permutation = permutation
+
+    def __call__(self, x: Tensor) -> Tensor:
+        flat = x.flatten(-2)
+        return flat[..., self.permutation].view_as(x)
+
+
+class RotateImages:
+    """Rotates a batch of images by one fixed angle (degrees, counter-clockwise)."""
+
+    def __init__(self, angle: float) -> None:
+        self.angle = float(angle)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return TF.rotate(x, self.angle, interpolation=InterpolationMode.BILINEAR)
+
+
+DOMAIN_KINDS = ("permutation", "rotation", "datasets")
+
+
+def domain_incremental(
+    sources: SourceData | Sequence[SourceData],
+    kind: str = "permutation",
+    n_tasks: int | None = None,
+    seed: int = 0,
+    angles: Sequence[float] | None = None,
+    angle_range: tuple[float, float] = (0.0, 180.0),
+    identity_first: bool = False,
+    val_fraction: float = 0.0,
+    train_samples_per_class: int | None = None,
+    test_samples_per_class: int | None = None,
+) -> TaskStream:
+    """Tasks that share one label space and differ in their inputs.
+
+    ``permutation``: each task a seeded pixel permutation (``identity_first`` keeps task 0 plain).
+    ``rotation``: each task rotates by one angle, given in ``angles`` or drawn from ``angle_range``.
+    ``datasets``: one task per source; the sources must share class count and input shape.
+    """
+    if kind not in DOMAIN_KINDS:
+        raise ScenarioError(f"unknown domain-incremental kind {kind!r}; allowed: {', '.join(DOMAIN_KINDS)}")
+    srcs = [sources] if isinstance(sources, SourceData) else list(sources)
+    if not srcs:
+        raise ScenarioError("domain_incremental needs at least one data source")
+    gen = _generator(seed)
+    if kind == "datasets":
+        if n_tasks is not None and n_tasks != len(srcs):
+            raise ScenarioError(f"n_tasks={n_tasks} but {len(srcs)} data sets were given; one task per data set")
+        ref = srcs[0]
+        for s in srcs[1:]:
+            if s.num_classes != ref.num_classes or tuple(s.input_shape) != tuple(ref.input_shape):
+                raise ScenarioError(
+                    f"data sets {ref.name} ({ref.num_classes} classes, {tuple(ref.input_shape)}) and {s.name} "
+                    f"({s.num_classes} classes, {tuple(s.input_shape)}) do not share a label space and input shape; "
+                    "a domain sequence needs equal class counts and image sizes (set image_size/channels)."
+                )
+        plan = [(s, None, s.name) for s in srcs]
+    else:
+        if len(srcs) != 1:
+            raise ScenarioError(f"kind={kind!r} takes one data source, got {len(srcs)}")
+        if angles is not None:
+            n_tasks = n_tasks or len(angles)
+            if len(angles) != n_tasks:
+                raise ScenarioError(f"{len(angles)} angles given for n_tasks={n_tasks}; give one angle per task")
+        if not n_tasks or n_tasks < 1:
+            raise ScenarioError("n_tasks must be a positive number of tasks for permuted or rotated streams")
+        src = srcs[0]
+        n_pixels = src.input_shape[-1] * src.input_shape[-2]
+        plan = []
+        for t in range(n_tasks):
+            if kind == "permutation":
+                perm = torch.arange(n_pixels) if (identity_first and t == 0) else torch.randperm(n_pixels, generator=gen)
+                plan.append((src, PermutePixels(perm), f"permutation_{t}"))
+            else:
+                lo, hi = angle_range
+                angle = float(angles[t]) if angles is not None else lo + (hi - lo) * torch.rand(1, generator=gen).item()
+                plan.append((src, RotateImages(angle), f"rotation_{angle:.1f}"))
+
+    tasks = []
+    num_classes = srcs[0].num_classes
+    classes = tuple(range(num_classes))
+    for t, (src, transform, domain) in enumerate(plan):
+        train_idx = _limit_per_class(src.train_y, classes, train_samples_per_class, gen)
+        test_idx = _limit_per_class(src.test_y, classes, test_samples_per_class, gen)
+        train_idx, val_idx = _split_val(train_idx, val_fraction, gen)
+        tasks.append(Task(
+            id=t, classes=classes, domain=domain,
+            train=TaskDataset(src.train_x, src.train_y, t, train_idx, transform),
+            test=TaskDataset(src.test_x, src.test_y, t, test_idx, transform),
+            val=None if val_idx is None else TaskDataset(src.train_x, src.train_y, t, val_idx, transform),
+        ))
+    mean = tuple(sum(m) / len(srcs) for m in zip(*(s.mean for s in srcs)))
+    std = tuple(sum(m) / len(srcs) for m in zip(*(s.std for s in srcs)))
+    return TaskStream(
+        name=f"{kind}_{'_'.join(s.name for s in srcs)}", scenario="domain", tasks=tasks, num_classes=num_classes,
+        input_shape=tuple(srcs[0].input_shape), mean=mean, std=std, class_names=list(srcs[0].class_names),
+        seed=seed, description={"domains": [d for _, _, d in plan], "train_limit": train_samples_per_class,
+                                "test_limit": test_samples_per_class, "val_fraction": val_fraction},
+    )

@@ -1,0 +1,37 @@
+"""Multi-layer perceptron backbone (the MNIST-family network of the DER / GEM papers)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear+ReLU layers; ``num_features`` is the width of the last hidden layer.
+
+    ``init="xavier"`` reproduces Mammoth's MNIST MLP (Xavier-uniform weights, zero biases).
+    """
+
+    def __init__(self, input_size: int, hidden_sizes: Sequence[int] = (100, 100), init: str = "xavier",
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = input_size
+        for h in hidden_sizes:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            width = h
+        self.net = nn.Sequential(*layers)
+        self.num_features = width
+        if init == "xavier":
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+        elif init != "default":
+            raise ValueError(f"init must be 'xavier' or 'default', got {init!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

@@ -1,0 +1,223 @@
+"""ContinualModule: the strategy base class, a LightningModule with scenario-aware logits.
+
+A strategy is a subclass that overrides a few named hooks: ``on_task_start``, ``on_task_end``,
+``training_loss`` (and, when needed, ``configure_optimizers``). The training loop is Lightning's.
+Everything a strategy remembers across tasks is a registered buffer or submodule, so it lands in
+``state_dict`` and in checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from clframe.data.stream import Batch, Task, TaskStream
+from clframe.models.factory import create_backbone
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+class ContinualModule(L.LightningModule):
+    """Backbone + linear head over every class of the stream, masked to fit the scenario.
+
+    The head has one row per class of the whole stream. In class-incremental streams the rows of
+    classes not seen yet are masked (equivalent to a growing head, but shapes stay fixed for
+    checkpoints and DDP); in task-incremental streams each sample only sees its task's classes
+    (equivalent to one head per task); in domain-incremental streams the head is shared.
+
+    Args:
+        backbone: a registered backbone name (``mlp``, ``resnet18``, ``reduced_resnet18``,
+            ``timm:<name>``) or an ``nn.Module`` with a ``num_features`` attribute.
+        backbone_kwargs: keyword arguments for a backbone built by name.
+        num_classes, input_shape, scenario: taken from the stream when not given.
+        optimizer, lr, momentum, weight_decay: the optimizer rebuilt at every task start.
+        mask_unseen_classes: in class-incremental streams, hide classes of future tasks.
+    """
+
+    train_scope: Literal["current", "seen", "all"] = "current"
+    """Which tasks' training data the data module serves (Joint training uses ``"seen"``)."""
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "mlp",
+        backbone_kwargs: dict[str, Any] | None = None,
+        num_classes: int | None = None,
+        input_shape: Sequence[int] | None = None,
+        scenario: Literal["class", "task", "domain"] | None = None,
+        optimizer: Literal["sgd", "adam", "adamw"] = "sgd",
+        lr: float = 0.03,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        mask_unseen_classes: bool = True,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        self._backbone_spec = backbone
+        self.backbone: nn.Module | None = None
+        self.head: nn.Linear | None = None
+        self.num_tasks: int | None = None
+        self.register_buffer("current_task", torch.tensor(0))
+        self._eval_counts: Tensor | None = None
+        self.eval_accuracy: list[float] = []
+        if num_classes is not None and input_shape is not None and scenario is not None:
+            self._build(num_classes, tuple(input_shape), scenario)
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, num_classes: int, input_shape: tuple[int, ...], scenario: str) -> None:
+        spec = self._backbone_spec
+        backbone = create_backbone(spec, input_shape, **(self.hparams.backbone_kwargs or {})) if isinstance(spec, str) else spec
+        if not hasattr(backbone, "num_features"):
+            raise ValueError("the backbone must expose `num_features` (the width of its output features)")
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.scenario = scenario
+        channels = input_shape[0] if len(input_shape) == 3 else 1
+        self.register_buffer("input_mean", torch.zeros(channels, 1, 1))
+        self.register_buffer("input_std", torch.ones(channels, 1, 1))
+        self.register_buffer("class_task", torch.full((num_classes,), -1, dtype=torch.long))
+        resolved = {"num_classes": num_classes, "input_shape": list(input_shape), "scenario": scenario}
+        self.hparams.update(resolved)
+        self._hparams_initial.update(resolved)  # logged and checkpointed as resolved from the stream
+
+    def bind_stream(self, stream: TaskStream) -> None:
+        """Take the stream's shapes, class-to-task map and normalisation (called by the trainer)."""
+        h = self.hparams
+        if self.backbone is None:
+            self._build(stream.num_classes, tuple(stream.input_shape), stream.scenario)
+        elif (h.num_classes, tuple(h.input_shape), h.scenario) != (stream.num_classes, tuple(stream.input_shape), stream.scenario):
+            raise ValueError(
+                f"the model was built for {h.num_classes} classes, input {tuple(h.input_shape)}, scenario "
+                f"{h.scenario!r} but the stream has {stream.num_classes} classes, input {tuple(stream.input_shape)}, "
+                f"scenario {stream.scenario!r}; leave num_classes/input_shape/scenario unset to take them from the data."
+            )
+        self.num_tasks = len(stream)
+        self.class_task.copy_(torch.tensor(stream.class_to_task()))
+        if len(stream.mean) == self.input_mean.numel():
+            self.input_mean.copy_(torch.tensor(stream.mean).view_as(self.input_mean))
+            self.input_std.copy_(torch.tensor(stream.std).view_as(self.input_std))
+
+    # ------------------------------------------------------------------ forward
+    def preprocess(self, x: Tensor) -> Tensor:
+        """uint8 images to normalised floats, on the device (cheap, and keeps loaders compact)."""
+        if not x.is_floating_point():
+            x = x.float().div_(255.0)
+        if x.dim() == 4:
+            x = (x - self.input_mean) / self.input_std
+        return x
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.backbone(self.preprocess(x))
+
+    def logit_mask(self, task_ids: Tensor | None, task: int | None = None) -> Tensor | None:
+        """Boolean mask of the logits each sample may use, broadcastable to (batch, classes)."""
+        if self.scenario == "domain":
+            return None
+        if self.scenario == "task":
+            if task_ids is None:
+                raise ValueError("task-incremental logits need the task id of every sample")
+            return self.class_task.unsqueeze(0) == task_ids.unsqueeze(1)
+        if not self.hparams.mask_unseen_classes:
+            return None
+        upto = self.current_task if task is None else task
+        return ((self.class_task >= 0) & (self.class_task <= upto)).unsqueeze(0)
+
+    def mask_logits(self, logits: Tensor, task_ids: Tensor | None) -> Tensor:
+        mask = self.logit_mask(task_ids)
+        return logits if mask is None else logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+
+    def forward(self, x: Tensor, task_ids: Tensor | None = None) -> Tensor:
+        return self.mask_logits(self.head(self.features(x)), task_ids)
+
+    # ------------------------------------------------------------------ task hooks
+    def on_task_start(self, task: Task) -> None:
+        """Called before training on ``task`` (and again when a run resumes inside it)."""
+        self.current_task.fill_(task.id)
+
+    def on_task_end(self, task: Task) -> None:
+        """Called once after training on ``task``, with the model on its training device."""
+
+    def should_train(self, task: Task) -> bool:
+        """Whether ``task`` gets training epochs (Joint with ``final_only`` waits for the last task)."""
+        return True
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, batch: Batch) -> Tensor:
+        """The loss of one batch; strategies override this (and may call ``super()``)."""
+        x, y, t = batch
+        return F.cross_entropy(self(x, t), y)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self.training_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        h = self.hparams
+        kwargs: dict[str, Any] = {"lr": h.lr, "weight_decay": h.weight_decay}
+        if h.optimizer == "sgd":
+            kwargs["momentum"] = h.momentum
+        return OPTIMIZERS[h.optimizer](params, **kwargs)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_start(self) -> None:
+        self._eval_counts = torch.zeros(2, self.num_tasks or len(self.class_task), device=self.device)
+
+    def _eval_step(self, batch: Batch) -> None:
+        x, y, t = batch
+        correct = (self(x, t).argmax(1) == y).to(self._eval_counts.dtype)
+        n = self._eval_counts.shape[1]
+        self._eval_counts[0] += torch.bincount(t, weights=correct, minlength=n)[:n]
+        self._eval_counts[1] += torch.bincount(t, minlength=n)[:n].to(correct.dtype)
+
+    def _eval_end(self) -> list[float]:
+        counts = self.trainer.strategy.reduce(self._eval_counts, reduce_op="sum")
+        acc = torch.where(counts[1] > 0, counts[0] / counts[1].clamp(min=1), torch.nan)
+        self.eval_accuracy = acc.tolist()
+        return self.eval_accuracy
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end()
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self._eval_end()
+        seen = [a for a in acc if a == a]
+        if seen:
+            self.log("val/avg_acc", sum(seen) / len(seen), prog_bar=True, sync_dist=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Resize lazily shaped state (replay storage, per-task statistics) before loading."""
+        self.materialize_state(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def materialize_state(self, state_dict: Mapping[str, Any]) -> None:
+        """Give empty placeholder buffers the saved shape, so a fresh module can load any checkpoint."""
+        own = dict(self.named_buffers())
+        for name, value in state_dict.items():
+            buf = own.get(name)
+            if buf is not None and buf.numel() == 0 and value.numel() > 0:
+                module_name, _, attr = name.rpartition(".")
+                module = self.get_submodule(module_name) if module_name else self
+                module.register_buffer(attr, torch.empty_like(value, device=buf.device), persistent=True)

@@ -1,0 +1,72 @@
+"""Experience replay (ER): train on the new batch plus a batch drawn from a replay buffer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from clframe.data.stream import Batch
+from clframe.strategies.base import ContinualModule
+from clframe.strategies.replay.buffer import BufferPolicy, ReplayBuffer
+
+
+class ReplayModule(ContinualModule):
+    """Base of replay strategies: owns the buffer and fills it after every training step.
+
+    Args:
+        buffer_size: number of stored samples.
+        replay_batch_size: samples drawn from the buffer per step (default: the new batch's size).
+        buffer_policy: ``reservoir`` (uniform over the stream) or ``class_balanced``.
+        buffer_seed: seed of the buffer's own generator (saved in checkpoints).
+    """
+
+    def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None,
+                 buffer_policy: BufferPolicy = "reservoir", buffer_seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if replay_batch_size is not None and replay_batch_size <= 0:
+            raise ValueError(f"replay_batch_size must be positive, got {replay_batch_size}")
+        self.buffer = ReplayBuffer(buffer_size, buffer_policy, seed=buffer_seed)
+
+    def replay_batch(self, batch_size: int) -> dict[str, Tensor] | None:
+        """A batch from the buffer, or ``None`` while it is empty."""
+        if len(self.buffer) == 0:
+            return None
+        return self.buffer.sample(self.hparams.replay_batch_size or batch_size)
+
+    def buffer_extras(self, batch: Batch) -> dict[str, Tensor]:
+        """Extra per-sample fields to store (DER stores logits); none by default."""
+        return {}
+
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        x, y, t = batch
+        self.buffer.add(x, y, t, **self.buffer_extras(batch))
+
+
+class ER(ReplayModule):
+    """Experience replay (Chaudhry et al. 2019; the DER paper's ER baseline).
+
+    ``L = CE(f([x; x_b]), [y; y_b])`` over the concatenated new and replayed batch, as in Mammoth.
+    With ``new_weight`` set, ``L = w * CE(new) + (1 - w) * CE(replay)`` (``Lw_new`` of the
+    stability-gap paper).
+    """
+
+    def __init__(self, new_weight: float | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if new_weight is not None and not 0.0 <= new_weight <= 1.0:
+            raise ValueError(f"new_weight must be in [0, 1], got {new_weight}")
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        x, y, t = batch
+        replay = self.replay_batch(len(y))
+        if replay is None:
+            return F.cross_entropy(self(x, t), y)
+        logits = self(torch.cat([x, replay["x"]]), torch.cat([t, replay["t"]]))
+        targets = torch.cat([y, replay["y"]])
+        w = self.hparams.new_weight
+        if w is None:
+            return F.cross_entropy(logits, targets)
+        n = len(y)
+        return w * F.cross_entropy(logits[:n], y) + (1 - w) * F.cross_entropy(logits[n:], targets[n:])

@@ -1,0 +1,214 @@
+"""ContinualTrainer: a Lightning Trainer whose ``fit`` walks a whole task stream.
+
+For every task it calls the task hooks, runs Lightning's own ``fit`` for the task's epochs (so
+loggers, checkpoints, precision, callbacks and strategies work unchanged; the global step never
+resets; optimizers are rebuilt by ``configure_optimizers``), then tests every seen task and
+records a row of the accuracy matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from clframe.callbacks.base import ContinualCallback
+from clframe.data.datamodule import ContinualDataModule
+from clframe.data.stream import Task
+from clframe.metrics.matrix import summarize_matrix
+from clframe.strategies.base import ContinualModule
+
+
+class StreamProgress(L.Callback):
+    """Where the stream is (task pointer, accuracy rows, whether the task's end hooks ran).
+
+    Kept as a callback so Lightning saves it in every checkpoint; ``fit(ckpt_path=...)`` reads it
+    to resume at the right task. Its ``on_train_end`` runs the task-end hooks inside Lightning's
+    fit, while the model is still on its device and distributed processes are alive.
+    """
+
+    state_key = "clframe_stream_progress"
+
+    def __init__(self) -> None:
+        self.task_id = 0
+        self.rows: list[list[float]] = []
+        self.task_ended = False
+        self.task: Task | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "rows": self.rows, "task_ended": self.task_ended}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.task_id = state_dict["task_id"]
+        self.rows = [list(r) for r in state_dict["rows"]]
+        self.task_ended = state_dict["task_ended"]
+
+    def end_task(self, trainer: L.Trainer, module: ContinualModule) -> None:
+        if self.task_ended or self.task is None:
+            return
+        module.on_task_end(self.task)
+        for cb in trainer.callbacks:
+            if isinstance(cb, ContinualCallback):
+                cb.on_task_end(trainer, module, self.task)
+        self.task_ended = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.end_task(trainer, pl_module)
+
+
+class ContinualTrainer(L.Trainer):
+    """Runs a whole continual-learning stream in one ``fit`` call.
+
+    Args:
+        epochs_per_task: training epochs of every task (Lightning's ``max_epochs`` is managed
+            from this, so do not set ``max_epochs``).
+        eval_after_task: test every seen task after each task (the accuracy matrix).
+        All other arguments are Lightning's ``Trainer`` arguments. The default logger is a
+        ``CSVLogger`` under ``default_root_dir``.
+    """
+
+    def __init__(self, *args: Any, epochs_per_task: int = 1, eval_after_task: bool = True, **kwargs: Any) -> None:
+        if kwargs.get("max_epochs") not in (None, -1):
+            raise ValueError(
+                "ContinualTrainer manages max_epochs itself; set epochs_per_task instead "
+                f"(got max_epochs={kwargs['max_epochs']})."
+            )
+        if epochs_per_task < 1:
+            raise ValueError(f"epochs_per_task must be at least 1, got {epochs_per_task}")
+        kwargs.pop("max_epochs", None)
+        if kwargs.get("logger") in (None, True):
+            kwargs["logger"] = CSVLogger(kwargs.get("default_root_dir") or os.getcwd(), name="lightning_logs")
+        self.progress = StreamProgress()
+        callbacks = kwargs.get("callbacks") or []
+        kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.progress]
+        super().__init__(*args, max_epochs=epochs_per_task, **kwargs)
+        self.epochs_per_task = epochs_per_task
+        self.eval_after_task = eval_after_task
+        self.continual_results: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ the stream loop
+    def fit(self, model: L.LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
+            datamodule: L.LightningDataModule | None = None, ckpt_path: str | Path | None = None,
+            **kwargs: Any) -> None:
+        if not isinstance(model, ContinualModule):
+            raise TypeError(f"ContinualTrainer.fit needs a clframe strategy (ContinualModule), got {type(model).__name__}")
+        if not isinstance(datamodule, ContinualDataModule) or train_dataloaders is not None:
+            raise TypeError("ContinualTrainer.fit takes its data as datamodule=ContinualDataModule(...), not dataloaders")
+        stream = datamodule.stream
+        model.bind_stream(stream)
+        start = self._resume_point(ckpt_path) if ckpt_path is not None else 0
+        if ckpt_path is None:
+            self.progress.rows = []
+        for task in stream.tasks[start:]:
+            self._run_task(model, datamodule, task, ckpt_path)
+            ckpt_path = None
+            if self.interrupted:
+                return
+        self._finish(datamodule)
+
+    def _target_epochs(self, model: ContinualModule, stream_tasks: list[Task], upto: int) -> int:
+        return self.epochs_per_task * sum(model.should_train(t) for t in stream_tasks[: upto + 1])
+
+    def _run_task(self, model: ContinualModule, datamodule: ContinualDataModule, task: Task,
+                  ckpt_path: str | Path | None) -> None:
+        resuming = ckpt_path is not None
+        datamodule.set_task(task.id)
+        datamodule.train_scope = model.train_scope
+        self.progress.task, self.progress.task_id = task, task.id
+        if not resuming:
+            self.progress.task_ended = False
+        model.on_task_start(task)
+        for cb in self.callbacks:
+            if isinstance(cb, ContinualCallback):
+                cb.on_task_start(self, model, task)
+        if model.should_train(task):
+            self.fit_loop.max_epochs = self._target_epochs(model, datamodule.stream.tasks, task.id)
+            self.fit_loop._combined_loader = None  # serve the new task's data, not the cached loader
+            rank_zero_info(f"clframe: task {task.id + 1}/{len(datamodule.stream)}, classes {list(task.classes)}")
+            super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            if self.interrupted:
+                return
+        self.progress.end_task(self, model)
+        row = self.evaluate_seen_tasks(model, datamodule) if self.eval_after_task else []
+        self.progress.rows.append(row)
+        for cb in self.callbacks:
+            if isinstance(cb, ContinualCallback):
+                cb.on_task_evaluated(self, model, task, row)
+
+    def evaluate_seen_tasks(self, model: ContinualModule, datamodule: ContinualDataModule) -> list[float]:
+        """Test accuracy on every seen task (all tasks if the data module says so); NaN for the rest."""
+        self.test(model, datamodule=datamodule, verbose=False)
+        row = list(model.eval_accuracy) + [math.nan] * (len(datamodule.stream) - len(model.eval_accuracy))
+        step = self.global_step
+        metrics = {f"eval/acc_task_{j}": a for j, a in enumerate(row) if a == a}
+        seen = [a for a in row[: datamodule.current_task + 1] if a == a]
+        metrics["eval/avg_acc_seen"] = sum(seen) / max(1, len(seen))
+        metrics["task"] = datamodule.current_task
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
+        return row
+
+    def _resume_point(self, ckpt_path: str | Path) -> int:
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist; give the path of a .ckpt file written by this run")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = ckpt.get("callbacks", {}).get(StreamProgress.state_key)
+        if state is None:
+            raise ValueError(f"{path} holds no clframe stream progress; it was not written by a ContinualTrainer run")
+        self.progress.load_state_dict(state)
+        return self.progress.task_id
+
+    # ------------------------------------------------------------------ results
+    @property
+    def accuracy_matrix(self) -> list[list[float]]:
+        return self.progress.rows
+
+    def _finish(self, datamodule: ContinualDataModule) -> None:
+        if not self.eval_after_task or not self.progress.rows:
+            return
+        rows = self.progress.rows
+        metrics = summarize_matrix(rows)
+        self.continual_results = {"accuracy_matrix": rows, "metrics": metrics,
+                                  "stream": {"name": datamodule.stream.name, "scenario": datamodule.stream.scenario,
+                                             "tasks": len(datamodule.stream), "signature": datamodule.stream.signature()}}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+            logger.save()
+        self._write_results()
+        self._print_results()
+
+    @rank_zero_only
+    def _write_results(self) -> None:
+        out = Path(self.log_dir or self.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = self.continual_results["accuracy_matrix"]
+        with open(out / "accuracy_matrix.csv", "w") as f:
+            f.write("after_task," + ",".join(f"task_{j}" for j in range(len(rows[0]))) + "\n")
+            for i, row in enumerate(rows):
+                f.write(f"{i}," + ",".join("" if a != a else f"{a:.6f}" for a in row) + "\n")
+        tmp = out / "results.json.tmp"
+        clean = {**self.continual_results, "accuracy_matrix": [[None if a != a else a for a in r] for r in rows]}
+        tmp.write_text(json.dumps(clean, indent=2))
+        os.replace(tmp, out / "results.json")
+
+    @rank_zero_only
+    def _print_results(self) -> None:
+        rows = self.continual_results["accuracy_matrix"]
+        header = "after task | " + " ".join(f"T{j:<5}" for j in range(len(rows[0])))
+        lines = ["", "Accuracy matrix R[i][j] (%): accuracy on task j after training task i", header]
+        for i, row in enumerate(rows):
+            lines.append(f"{i:>10} | " + " ".join("  -   " if a != a else f"{100 * a:5.1f} " for a in row))
+        m = self.continual_results["metrics"]
+        lines.append(
+            f"Final average accuracy: {100 * m['final/avg_acc']:.2f}%  | forgetting {100 * m['final/avg_forgetting']:.2f}"
+            f"  | BWT {100 * m['final/bwt']:.2f}"
+        )
+        print("\n".join(lines), flush=True)
