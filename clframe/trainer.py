@@ -144,7 +144,14 @@ class ContinualTrainer(L.Trainer):
 
     def evaluate_seen_tasks(self, model: ContinualModule, datamodule: ContinualDataModule) -> list[float]:
         """Test accuracy on every seen task (all tasks if the data module says so); NaN for the rest."""
-        self.test(model, datamodule=datamodule, verbose=False)
+        bar = self.progress_bar_callback
+        if bar is not None:
+            bar.disable()  # one line per task is enough; the per-loader test bars are noise
+        try:
+            self.test(model, datamodule=datamodule, verbose=False)
+        finally:
+            if bar is not None:
+                bar.enable()
         row = list(model.eval_accuracy) + [math.nan] * (len(datamodule.stream) - len(model.eval_accuracy))
         step = self.global_step
         metrics = {f"eval/acc_task_{j}": a for j, a in enumerate(row) if a == a}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -45,7 +46,7 @@ class ContinualDataModule(L.LightningDataModule):
     ``train_dataloader`` serves the current task (or every seen task when a strategy such as Joint
     sets ``train_scope="seen"``); ``val/test_dataloader`` serve one loader per seen task, in task
     order, so ``dataloader_idx`` equals the task id. Batches are ``(uint8 x, label, task id)``;
-    strategies normalise on the device.
+    strategies scale and normalise on the device (`normalize=False`: scale to [0, 1] only).
     """
 
     def __init__(
@@ -70,7 +71,8 @@ class ContinualDataModule(L.LightningDataModule):
         train_samples_per_class: int | None = None,
         test_samples_per_class: int | None = None,
         eval_all_tasks: bool = False,
-        seed: int = 0,
+        normalize: bool = True,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -97,9 +99,18 @@ class ContinualDataModule(L.LightningDataModule):
             for name in self.hparams.domain_sources or [self.hparams.source]:
                 self._load(name, download=True)
 
+    @property
+    def seed(self) -> int:
+        """The stream's seed: ``seed`` if given, else the run's global seed (``seed_everything``)."""
+        if self._stream is not None:
+            return self._stream.seed
+        if self.hparams.seed is not None:
+            return int(self.hparams.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def build_stream(self) -> TaskStream:
         h = self.hparams
-        limits = dict(seed=h.seed, val_fraction=h.val_fraction, train_samples_per_class=h.train_samples_per_class,
+        limits = dict(seed=self.seed, val_fraction=h.val_fraction, train_samples_per_class=h.train_samples_per_class,
                       test_samples_per_class=h.test_samples_per_class)
         if h.scenario == "domain":
             names = h.domain_sources if h.domain == "datasets" else [h.source]
@@ -117,6 +128,9 @@ class ContinualDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._stream is None:
             self._stream = self.build_stream()
+            if not self.hparams.normalize:  # inputs only scaled to [0, 1] (the DER paper's MNIST protocol)
+                channels = len(self._stream.mean)
+                self._stream.mean, self._stream.std = (0.0,) * channels, (1.0,) * channels
 
     @property
     def stream(self) -> TaskStream:

@@ -1,0 +1,27 @@
+"""Shared fixtures: the offline data root and quiet, fast trainer settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def data_root() -> Path | None:
+    """The real data sets (CI sets CLFRAME_DATA to ../shared/data); None when absent."""
+    root = os.environ.get("CLFRAME_DATA")
+    return Path(root) if root and Path(root).is_dir() else None
+
+
+requires_data = pytest.mark.skipif(data_root() is None, reason="set CLFRAME_DATA to the offline data folder")
+
+QUIET_TRAINER = {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(monkeypatch):
+    """Small models run fastest on one thread, and tests stay stable when run side by side."""
+    import torch
+
+    torch.set_num_threads(1)
