@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.metrics.matrix import summarize_matrix
 from clframe.strategies.base import ContinualModule
+
+
+# Streams without validation data serve an empty list of val loaders; that is intended.
+warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
 
 
 class StreamProgress(L.Callback):

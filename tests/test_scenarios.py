@@ -324,25 +324,16 @@ def test_domain_incremental_needs_one_source_for_permutations(digits: SourceData
         domain_incremental([], kind="datasets")
 
 
-@pytest.mark.xfail(reason="library bug: an empty class_order reaches `rest % classes_per_task` with "
-                          "classes_per_task == 0 in split_classes and raises ZeroDivisionError, not ScenarioError",
-                   raises=ZeroDivisionError, strict=True)
 def test_empty_class_order_raises_scenario_error(digits: SourceData) -> None:
     with pytest.raises(ScenarioError):
         class_incremental(digits, n_tasks=5, class_order=[])
 
 
-@pytest.mark.xfail(reason="library bug: a negative per-class limit is accepted; _limit_per_class slices "
-                          "randperm(n)[:limit], so limit=-1 silently drops one sample of every class",
-                   strict=True)
 def test_negative_per_class_limit_raises(digits: SourceData) -> None:
     with pytest.raises(ScenarioError):
         class_incremental(digits, n_tasks=5, train_samples_per_class=-1)
 
 
-@pytest.mark.xfail(reason="library bug: domain_incremental treats n_tasks=0 as unset when angles are given "
-                          "(`n_tasks = n_tasks or len(angles)`) and builds a stream instead of raising",
-                   strict=True)
 def test_rotation_with_zero_tasks_raises(digits: SourceData) -> None:
     with pytest.raises(ScenarioError):
         domain_incremental(digits, kind="rotation", n_tasks=0, angles=[10, 20])

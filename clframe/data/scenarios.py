@@ -30,6 +30,8 @@ def _generator(seed: int) -> torch.Generator:
 
 def _limit_per_class(labels: Tensor, classes: Sequence[int], limit: int | None, gen: torch.Generator) -> Tensor:
     """Indices of the samples of ``classes`` (in label space), at most ``limit`` per class, seeded."""
+    if limit is not None and limit < 1:
+        raise ScenarioError(f"samples per class must be a positive number (or unset for all), got {limit}")
     picks = []
     for c in classes:
         idx = (labels == c).nonzero().flatten()
@@ -72,6 +74,8 @@ def split_classes(
     n_classes: int, n_tasks: int | None, classes_per_task: int | None, first_task_classes: int | None
 ) -> list[int]:
     """Number of classes in each task, checked: every task non-empty and all classes used."""
+    if n_classes == 0:
+        raise ScenarioError("the class order is empty; give at least one class (or leave class_order unset for all)")
     first = first_task_classes
     if first is not None and not 0 < first <= n_classes:
         raise ScenarioError(f"first_task_classes must be in 1..{n_classes}, got {first}")
@@ -235,7 +239,7 @@ def domain_incremental(
         if len(srcs) != 1:
             raise ScenarioError(f"kind={kind!r} takes one data source, got {len(srcs)}")
         if angles is not None:
-            n_tasks = n_tasks or len(angles)
+            n_tasks = len(angles) if n_tasks is None else n_tasks
             if len(angles) != n_tasks:
                 raise ScenarioError(f"{len(angles)} angles given for n_tasks={n_tasks}; give one angle per task")
         if not n_tasks or n_tasks < 1:
@@ -265,8 +269,8 @@ def domain_incremental(
             test=TaskDataset(src.test_x, src.test_y, t, test_idx, transform),
             val=None if val_idx is None else TaskDataset(src.train_x, src.train_y, t, val_idx, transform),
         ))
-    mean = tuple(sum(m) / len(srcs) for m in zip(*(s.mean for s in srcs)))
-    std = tuple(sum(m) / len(srcs) for m in zip(*(s.std for s in srcs)))
+    mean = tuple(sum(m) / len(srcs) for m in zip(*(s.mean for s in srcs), strict=True))
+    std = tuple(sum(m) / len(srcs) for m in zip(*(s.std for s in srcs), strict=True))
     return TaskStream(
         name=f"{kind}_{'_'.join(s.name for s in srcs)}", scenario="domain", tasks=tasks, num_classes=num_classes,
         input_shape=tuple(srcs[0].input_shape), mean=mean, std=std, class_names=list(srcs[0].class_names),

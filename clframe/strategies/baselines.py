@@ -135,12 +135,21 @@ class LwF(ContinualModule):
         super().__init__(**kwargs)
         self.teacher: nn.Module | None = None
 
+    def _snapshot_teacher(self) -> None:
+        teacher = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone), "head": copy.deepcopy(self.head)})
+        teacher.requires_grad_(False).eval()
+        self.teacher = teacher
+
     def on_task_start(self, task: Task) -> None:
         super().on_task_start(task)
         if task.id > 0:
-            teacher = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone), "head": copy.deepcopy(self.head)})
-            teacher.requires_grad_(False).eval()
-            self.teacher = teacher
+            self._snapshot_teacher()
+
+    def materialize_state(self, state_dict) -> None:
+        """A checkpoint written after task 0 holds a teacher: create its slot before loading."""
+        if self.teacher is None and any(k.startswith("teacher.") for k in state_dict):
+            self._snapshot_teacher()
+        super().materialize_state(state_dict)
 
     def train(self, mode: bool = True) -> LwF:
         super().train(mode)

@@ -170,6 +170,8 @@ class ReplayBuffer(nn.Module):
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int) -> dict[str, Tensor]:
         """``n`` stored samples drawn without replacement (all of them if fewer are stored)."""
+        if n < 1:
+            raise ValueError(f"the number of samples to draw must be positive, got {n}")
         slots = self.valid_slots()
         if len(slots) == 0:
             raise RuntimeError("cannot sample from an empty replay buffer")
@@ -186,12 +188,15 @@ class ReplayBuffer(nn.Module):
         return {"generator": self.generator.get_state(), "fields": list(self.fields), "policy": self.policy,
                 "capacity": self.capacity}
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def _check_compatible(self, state: dict[str, Any]) -> None:
         if state["capacity"] != self.capacity or state["policy"] != self.policy:
             raise ValueError(
                 f"checkpoint buffer (capacity {state['capacity']}, policy {state['policy']}) does not match this "
                 f"strategy's buffer (capacity {self.capacity}, policy {self.policy}); resume with the same config."
             )
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._check_compatible(state)
         self.generator.set_state(state["generator"])
         for name in state["fields"]:
             self._register_field(name)
@@ -199,6 +204,7 @@ class ReplayBuffer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:
+            self._check_compatible(extra)  # before any storage is replaced
             for name in extra["fields"]:
                 self._register_field(name)
         for key, value in state_dict.items():
