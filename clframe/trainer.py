@@ -26,7 +26,6 @@ from clframe.data.stream import Task
 from clframe.metrics.matrix import summarize_matrix
 from clframe.strategies.base import ContinualModule
 
-
 # Streams without validation data serve an empty list of val loaders; that is intended.
 warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
 
@@ -112,8 +111,8 @@ class ContinualTrainer(L.Trainer):
         if ckpt_path is None:
             self.progress.rows = []
         for task in stream.tasks[start:]:
-            self._run_task(model, datamodule, task, ckpt_path)
-            ckpt_path = None
+            self._run_task(model, datamodule, task, ckpt_path, **kwargs)
+            ckpt_path, kwargs = None, {}
             if self.interrupted:
                 return
         self._finish(datamodule)
@@ -122,7 +121,7 @@ class ContinualTrainer(L.Trainer):
         return self.epochs_per_task * sum(model.should_train(t) for t in stream_tasks[: upto + 1])
 
     def _run_task(self, model: ContinualModule, datamodule: ContinualDataModule, task: Task,
-                  ckpt_path: str | Path | None) -> None:
+                  ckpt_path: str | Path | None, **fit_kwargs: Any) -> None:
         resuming = ckpt_path is not None
         datamodule.set_task(task.id)
         datamodule.train_scope = model.train_scope
@@ -137,7 +136,7 @@ class ContinualTrainer(L.Trainer):
             self.fit_loop.max_epochs = self._target_epochs(model, datamodule.stream.tasks, task.id)
             self.fit_loop._combined_loader = None  # serve the new task's data, not the cached loader
             rank_zero_info(f"clframe: task {task.id + 1}/{len(datamodule.stream)}, classes {list(task.classes)}")
-            super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **fit_kwargs)
             if self.interrupted:
                 return
         self.progress.end_task(self, model)

@@ -19,9 +19,12 @@ requires_data = pytest.mark.skipif(data_root() is None, reason="set CLFRAME_DATA
 QUIET_TRAINER = {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(monkeypatch):
-    """Small models run fastest on one thread, and tests stay stable when run side by side."""
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """Tiny models and thousands of small tensor ops run fastest on one thread, and stay fast on a busy host."""
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,15 +17,6 @@ from clframe.strategies.replay.buffer import ReplayBuffer
 Z_P001 = 3.090  # one-sided standard-normal quantile for p = 0.001
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of tiny tensor ops: extra intra-op threads only add overhead (and stall on busy hosts)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def chi2_uniform(counts: torch.Tensor) -> tuple[float, float]:
     """Pearson's chi-square of ``counts`` against a uniform distribution, and a generous critical value
     (normal approximation of chi2 with k - 1 degrees of freedom at p = 0.001)."""

@@ -27,15 +27,6 @@ from clframe.metrics import average_accuracy
 BATCH_SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A tiny MLP: extra intra-op threads only add overhead (and stall badly on a busy 2-core host)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------- recording callbacks
 
 
