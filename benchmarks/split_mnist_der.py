@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, run_config  # noqa: E402
+
 # (config, label, published S-MNIST Class-IL accuracy from the DER paper's table)
 RUNS = [
     ("finetune", "Finetune (SGD)", 19.60),
@@ -34,18 +33,9 @@ RUNS = [
 
 
 def run_one(config: str, seed: int, out_root: Path) -> dict:
-    out = out_root / config / f"seed{seed}"
-    cmd = [sys.executable, "-m", "clframe.cli", "fit", "--config", str(ROOT / "configs/split_mnist" / f"{config}.yaml"),
-           f"--seed_everything={seed}", f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
-           "--trainer.enable_checkpointing=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    start = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{config} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(next(out.rglob("results.json")).read_text())
-    return {"config": config, "seed": seed, "seconds": time.time() - start, **result["metrics"],
-            "accuracy_matrix": result["accuracy_matrix"]}
+    r = run_config(ROOT / "configs/split_mnist" / f"{config}.yaml", seed, out_root / config / f"seed{seed}")
+    return {"config": config, "seed": seed, "seconds": r["seconds"], **r["metrics"],
+            "accuracy_matrix": r["accuracy_matrix"]}
 
 
 def main() -> None:

@@ -44,15 +44,17 @@ class StreamProgress(L.Callback):
         self.task_id = 0
         self.rows: list[list[float]] = []
         self.task_ended = False
+        self.initial: list[float] | None = None
         self.task: Task | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "rows": self.rows, "task_ended": self.task_ended}
+        return {"task_id": self.task_id, "rows": self.rows, "task_ended": self.task_ended, "initial": self.initial}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.task_id = state_dict["task_id"]
         self.rows = [list(r) for r in state_dict["rows"]]
         self.task_ended = state_dict["task_ended"]
+        self.initial = state_dict.get("initial")
 
     def end_task(self, trainer: L.Trainer, module: ContinualModule) -> None:
         if self.task_ended or self.task is None:
@@ -73,12 +75,16 @@ class ContinualTrainer(L.Trainer):
     Args:
         epochs_per_task: training epochs of every task (Lightning's ``max_epochs`` is managed
             from this, so do not set ``max_epochs``).
-        eval_after_task: test every seen task after each task (the accuracy matrix).
+        steps_per_task: train each task for this many iterations instead of whole epochs.
+        eval_after_task: test every seen task after each task (the accuracy matrix). When the
+            data module has ``eval_all_tasks``, the untrained model is tested too, which gives
+            forward transfer (FWT).
         All other arguments are Lightning's ``Trainer`` arguments. The default logger is a
         ``CSVLogger`` under ``default_root_dir``.
     """
 
-    def __init__(self, *args: Any, epochs_per_task: int = 1, eval_after_task: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, epochs_per_task: int = 1, steps_per_task: int | None = None,
+                 eval_after_task: bool = True, **kwargs: Any) -> None:
         if kwargs.get("max_epochs") not in (None, -1):
             raise ValueError(
                 "ContinualTrainer manages max_epochs itself; set epochs_per_task instead "
@@ -86,6 +92,10 @@ class ContinualTrainer(L.Trainer):
             )
         if epochs_per_task < 1:
             raise ValueError(f"epochs_per_task must be at least 1, got {epochs_per_task}")
+        if steps_per_task is not None and steps_per_task < 1:
+            raise ValueError(f"steps_per_task must be at least 1, got {steps_per_task}")
+        if steps_per_task is not None and kwargs.get("max_steps") not in (None, -1):
+            raise ValueError("set steps_per_task or max_steps, not both (ContinualTrainer manages max_steps)")
         kwargs.pop("max_epochs", None)
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = CSVLogger(kwargs.get("default_root_dir") or os.getcwd(), name="lightning_logs")
@@ -94,6 +104,7 @@ class ContinualTrainer(L.Trainer):
         kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.progress]
         super().__init__(*args, max_epochs=epochs_per_task, **kwargs)
         self.epochs_per_task = epochs_per_task
+        self.steps_per_task = steps_per_task
         self.eval_after_task = eval_after_task
         self.continual_results: dict[str, Any] = {}
 
@@ -109,16 +120,25 @@ class ContinualTrainer(L.Trainer):
         model.bind_stream(stream)
         start = self._resume_point(ckpt_path) if ckpt_path is not None else 0
         if ckpt_path is None:
-            self.progress.rows = []
+            self.progress.rows, self.progress.initial = [], None
+            if self.eval_after_task and datamodule.hparams.eval_all_tasks:
+                datamodule.set_task(0)
+                self.progress.initial = self.evaluate_seen_tasks(model, datamodule, log=False)
         for task in stream.tasks[start:]:
             self._run_task(model, datamodule, task, ckpt_path, **kwargs)
             ckpt_path, kwargs = None, {}
             if self.interrupted:
                 return
-        self._finish(datamodule)
+        self._finish(model, datamodule)
 
-    def _target_epochs(self, model: ContinualModule, stream_tasks: list[Task], upto: int) -> int:
-        return self.epochs_per_task * sum(model.should_train(t) for t in stream_tasks[: upto + 1])
+    def _set_task_budget(self, model: ContinualModule, stream_tasks: list[Task], upto: int) -> None:
+        """Cumulative epoch (or step) limit at the end of task ``upto``: derived, so resuming needs no state."""
+        trained = sum(model.should_train(t) for t in stream_tasks[: upto + 1])
+        if self.steps_per_task is None:
+            self.fit_loop.max_epochs = self.epochs_per_task * trained
+        else:
+            self.fit_loop.max_epochs = -1
+            self.fit_loop.epoch_loop.max_steps = self.steps_per_task * trained
 
     def _run_task(self, model: ContinualModule, datamodule: ContinualDataModule, task: Task,
                   ckpt_path: str | Path | None, **fit_kwargs: Any) -> None:
@@ -133,7 +153,7 @@ class ContinualTrainer(L.Trainer):
             if isinstance(cb, ContinualCallback):
                 cb.on_task_start(self, model, task)
         if model.should_train(task):
-            self.fit_loop.max_epochs = self._target_epochs(model, datamodule.stream.tasks, task.id)
+            self._set_task_budget(model, datamodule.stream.tasks, task.id)
             self.fit_loop._combined_loader = None  # serve the new task's data, not the cached loader
             rank_zero_info(f"clframe: task {task.id + 1}/{len(datamodule.stream)}, classes {list(task.classes)}")
             super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **fit_kwargs)
@@ -146,7 +166,7 @@ class ContinualTrainer(L.Trainer):
             if isinstance(cb, ContinualCallback):
                 cb.on_task_evaluated(self, model, task, row)
 
-    def evaluate_seen_tasks(self, model: ContinualModule, datamodule: ContinualDataModule) -> list[float]:
+    def evaluate_seen_tasks(self, model: ContinualModule, datamodule: ContinualDataModule, log: bool = True) -> list[float]:
         """Test accuracy on every seen task (all tasks if the data module says so); NaN for the rest."""
         bar = self.progress_bar_callback
         if bar is not None:
@@ -157,6 +177,8 @@ class ContinualTrainer(L.Trainer):
             if bar is not None:
                 bar.enable()
         row = list(model.eval_accuracy) + [math.nan] * (len(datamodule.stream) - len(model.eval_accuracy))
+        if not log:
+            return row
         step = self.global_step
         metrics = {f"eval/acc_task_{j}": a for j, a in enumerate(row) if a == a}
         seen = [a for a in row[: datamodule.current_task + 1] if a == a]
@@ -182,14 +204,18 @@ class ContinualTrainer(L.Trainer):
     def accuracy_matrix(self) -> list[list[float]]:
         return self.progress.rows
 
-    def _finish(self, datamodule: ContinualDataModule) -> None:
+    def _finish(self, model: ContinualModule, datamodule: ContinualDataModule) -> None:
         if not self.eval_after_task or not self.progress.rows:
             return
         rows = self.progress.rows
-        metrics = summarize_matrix(rows)
-        self.continual_results = {"accuracy_matrix": rows, "metrics": metrics,
+        metrics = summarize_matrix(rows, self.progress.initial)
+        self.continual_results = {"accuracy_matrix": rows, "initial_accuracy": self.progress.initial,
+                                  "metrics": metrics, "seed": datamodule.stream.seed,
                                   "stream": {"name": datamodule.stream.name, "scenario": datamodule.stream.scenario,
                                              "tasks": len(datamodule.stream), "signature": datamodule.stream.signature()}}
+        for cb in self.callbacks:
+            if isinstance(cb, ContinualCallback):
+                cb.on_stream_end(self, model)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
             logger.save()
@@ -222,4 +248,8 @@ class ContinualTrainer(L.Trainer):
             f"Final average accuracy: {100 * m['final/avg_acc']:.2f}%  | forgetting {100 * m['final/avg_forgetting']:.2f}"
             f"  | BWT {100 * m['final/bwt']:.2f}"
         )
+        others = [(k, v) for k, v in m.items() if k not in ("final/avg_acc", "final/avg_forgetting", "final/bwt")
+                  and "_task" not in k]
+        for i in range(0, len(others), 4):
+            lines.append("  " + "  | ".join(f"{k} {100 * v if 'steps' not in k else v:.2f}" for k, v in others[i:i + 4]))
         print("\n".join(lines), flush=True)

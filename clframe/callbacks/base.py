@@ -19,3 +19,9 @@ class ContinualCallback(L.Callback):
     def on_task_evaluated(self, trainer: L.Trainer, pl_module: L.LightningModule, task: Task,
                           accuracies: list[float]) -> None:
         """After the evaluation that follows ``task``: one accuracy per task (NaN if not evaluated)."""
+
+    def on_stream_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the last task's evaluation, before the final metrics are logged and written.
+
+        A callback may add metrics to ``trainer.continual_results["metrics"]`` here.
+        """

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from clframe.data.samplers import PerTaskBatchSampler
 from clframe.data.scenarios import ScenarioError, class_incremental, domain_incremental, task_incremental
 from clframe.data.sources import load_source
 from clframe.data.stream import Batch, TaskDataset, TaskStream, passthrough_collate
@@ -44,7 +45,8 @@ class ContinualDataModule(L.LightningDataModule):
     """Builds a task stream from a named source and serves the task the trainer points at.
 
     ``train_dataloader`` serves the current task (or every seen task when a strategy such as Joint
-    sets ``train_scope="seen"``); ``val/test_dataloader`` serve one loader per seen task, in task
+    sets ``train_scope="seen"``; ``joint_batches="per_task"`` then puts ``batch_size`` samples of
+    each seen task in every batch); ``val/test_dataloader`` serve one loader per seen task, in task
     order, so ``dataloader_idx`` equals the task id. Batches are ``(uint8 x, label, task id)``;
     strategies scale and normalise on the device (`normalize=False`: scale to [0, 1] only).
     """
@@ -71,6 +73,7 @@ class ContinualDataModule(L.LightningDataModule):
         train_samples_per_class: int | None = None,
         test_samples_per_class: int | None = None,
         eval_all_tasks: bool = False,
+        joint_batches: Literal["uniform", "per_task"] = "uniform",
         normalize: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -161,7 +164,13 @@ class ContinualDataModule(L.LightningDataModule):
         return ConcatTaskDataset([t.train for t in tasks[:upto]])
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(), self.hparams.batch_size, shuffle=True)
+        dataset = self.train_dataset()
+        if isinstance(dataset, ConcatTaskDataset) and self.hparams.joint_batches == "per_task":
+            sampler = PerTaskBatchSampler([len(d) for d in dataset.datasets], self.hparams.batch_size)
+            workers = self.hparams.num_workers
+            return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=passthrough_collate,
+                              persistent_workers=workers > 0)
+        return self._loader(dataset, self.hparams.batch_size, shuffle=True)
 
     def _eval_tasks(self):
         tasks = self.stream.tasks

@@ -19,7 +19,8 @@ from torch.nn import functional as F
 from clframe.data.stream import Batch, Task, TaskStream
 from clframe.models.factory import create_backbone
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+              "rmsprop": torch.optim.RMSprop}
 
 
 class ContinualModule(L.LightningModule):
@@ -49,7 +50,7 @@ class ContinualModule(L.LightningModule):
         num_classes: int | None = None,
         input_shape: Sequence[int] | None = None,
         scenario: Literal["class", "task", "domain"] | None = None,
-        optimizer: Literal["sgd", "adam", "adamw"] = "sgd",
+        optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd",
         lr: float = 0.03,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
@@ -61,7 +62,8 @@ class ContinualModule(L.LightningModule):
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
-        self._backbone_spec = backbone
+        # Not an attribute assignment: a module given here must not be registered twice.
+        object.__setattr__(self, "_backbone_spec", backbone)
         self.backbone: nn.Module | None = None
         self.head: nn.Linear | None = None
         self.num_tasks: int | None = None
@@ -72,13 +74,16 @@ class ContinualModule(L.LightningModule):
             self._build(num_classes, tuple(input_shape), scenario)
 
     # ------------------------------------------------------------------ construction
-    def _build(self, num_classes: int, input_shape: tuple[int, ...], scenario: str) -> None:
+    def build_network(self, num_classes: int, input_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:
+        """The backbone and the head; strategies with their own layer types (supermasks) override this."""
         spec = self._backbone_spec
         backbone = create_backbone(spec, input_shape, **(self.hparams.backbone_kwargs or {})) if isinstance(spec, str) else spec
         if not hasattr(backbone, "num_features"):
             raise ValueError("the backbone must expose `num_features` (the width of its output features)")
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, num_classes)
+        return backbone, nn.Linear(backbone.num_features, num_classes)
+
+    def _build(self, num_classes: int, input_shape: tuple[int, ...], scenario: str) -> None:
+        self.backbone, self.head = self.build_network(num_classes, input_shape)
         self.scenario = scenario
         channels = input_shape[0] if len(input_shape) == 3 else 1
         self.register_buffer("input_mean", torch.zeros(channels, 1, 1))

@@ -1,0 +1,80 @@
+"""Plots of continual-learning results, written as PNG files (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_curves(steps: Sequence[float], acc: np.ndarray, task_ends: Sequence[float], path: str | Path,
+                         title: str = "Accuracy on each task during training") -> Path:
+    """Per-task accuracy against the global iteration, with task switches marked (the stability gap)."""
+    plt = _pyplot()
+    steps, acc = np.asarray(steps, float), np.asarray(acc, float)
+    n_tasks = acc.shape[1]
+    fig, ax = plt.subplots(figsize=(11, 5), dpi=120)
+    colors = plt.get_cmap("tab10" if n_tasks <= 10 else "tab20")
+    for end in task_ends[:-1]:
+        ax.axvline(end, color="0.6", linestyle="--", linewidth=1)
+    for j in range(n_tasks):
+        seen = ~np.isnan(acc[:, j])
+        if not seen.any():
+            continue
+        ax.plot(steps[seen], 100 * acc[seen, j], color=colors(j % colors.N), linewidth=1.2, label=f"task {j}")
+        after = seen & (steps > task_ends[j]) if j < len(task_ends) else np.zeros_like(seen)
+        if after.any():  # the worst point after the task was learned: its min-ACC
+            m = np.nonzero(after)[0][np.argmin(acc[after, j])]
+            ax.plot(steps[m], 100 * acc[m, j], marker="v", color=colors(j % colors.N), markersize=7)
+    ymax = 100
+    for k, end in enumerate(task_ends):
+        start = task_ends[k - 1] if k else steps.min()
+        ax.text((start + end) / 2, ymax + 1, f"T{k}", ha="center", va="bottom", fontsize=9, color="0.3")
+    ax.set_xlim(steps.min(), steps.max())
+    ax.set_ylim(0, ymax + 6)
+    ax.set_xlabel("training iteration (global step)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title + "  (dashed: task switches; ▼: min-ACC)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", ncol=min(n_tasks, 10), fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], path: str | Path,
+                         title: str = "Accuracy matrix R[i][j] (%)") -> Path:
+    """Heatmap of the accuracy matrix with the value in each cell (blank where not evaluated)."""
+    plt = _pyplot()
+    r = 100 * np.asarray(matrix, float)
+    n_rows, n_cols = r.shape
+    size = max(4.0, 0.6 * n_cols + 2)
+    fig, ax = plt.subplots(figsize=(size, size * n_rows / n_cols + 0.5), dpi=120)
+    im = ax.imshow(np.ma.masked_invalid(r), cmap="viridis", vmin=0, vmax=100)
+    if n_cols <= 25:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                if not np.isnan(r[i, j]):
+                    ax.text(j, i, f"{r[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                            color="white" if r[i, j] < 60 else "black")
+    ax.set_xticks(range(n_cols))
+    ax.set_yticks(range(n_rows))
+    ax.set_xlabel("evaluated task j")
+    ax.set_ylabel("after training task i")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
