@@ -137,3 +137,19 @@ def test_card_check_split_digits_shows_the_gap(tmp_path):
                       backbone_kwargs=kw["backbone_kwargs"], lr=0.01, momentum=0.9)
     m = trainer.continual_results["metrics"]
     assert m["final/avg_acc"] < 0.3 and m["stability/min_acc"] < 0.05
+
+
+def test_plots_reach_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="clframe-tests")
+    try:
+        trainer, _ = _run(tmp_path, [ContinualEvaluation()], n_tasks=2, logger=logger, buffer_size=20)
+    finally:
+        wandb.finish()
+    media = list(tmp_path.rglob("media/images/continual_eval/*.png"))
+    assert len(media) == 2
+    assert "stability/min_acc" in trainer.continual_results["metrics"]
