@@ -205,10 +205,8 @@ class ContinualTrainer(L.Trainer):
         return self.progress.rows
 
     def _finish(self, model: ContinualModule, datamodule: ContinualDataModule) -> None:
-        if not self.eval_after_task or not self.progress.rows:
-            return
-        rows = self.progress.rows
-        metrics = summarize_matrix(rows, self.progress.initial)
+        rows = [r for r in self.progress.rows if r]
+        metrics = summarize_matrix(rows, self.progress.initial) if rows else {}
         self.continual_results = {"accuracy_matrix": rows, "initial_accuracy": self.progress.initial,
                                   "metrics": metrics, "seed": datamodule.stream.seed,
                                   "stream": {"name": datamodule.stream.name, "scenario": datamodule.stream.scenario,
@@ -216,6 +214,7 @@ class ContinualTrainer(L.Trainer):
         for cb in self.callbacks:
             if isinstance(cb, ContinualCallback):
                 cb.on_stream_end(self, model)
+        metrics = self.continual_results["metrics"]
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
             logger.save()
@@ -227,10 +226,11 @@ class ContinualTrainer(L.Trainer):
         out = Path(self.log_dir or self.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         rows = self.continual_results["accuracy_matrix"]
-        with open(out / "accuracy_matrix.csv", "w") as f:
-            f.write("after_task," + ",".join(f"task_{j}" for j in range(len(rows[0]))) + "\n")
-            for i, row in enumerate(rows):
-                f.write(f"{i}," + ",".join("" if a != a else f"{a:.6f}" for a in row) + "\n")
+        if rows:
+            with open(out / "accuracy_matrix.csv", "w") as f:
+                f.write("after_task," + ",".join(f"task_{j}" for j in range(len(rows[0]))) + "\n")
+                for i, row in enumerate(rows):
+                    f.write(f"{i}," + ",".join("" if a != a else f"{a:.6f}" for a in row) + "\n")
         tmp = out / "results.json.tmp"
         clean = {**self.continual_results, "accuracy_matrix": [[None if a != a else a for a in r] for r in rows]}
         tmp.write_text(json.dumps(clean, indent=2))
@@ -238,18 +238,17 @@ class ContinualTrainer(L.Trainer):
 
     @rank_zero_only
     def _print_results(self) -> None:
-        rows = self.continual_results["accuracy_matrix"]
-        header = "after task | " + " ".join(f"T{j:<5}" for j in range(len(rows[0])))
-        lines = ["", "Accuracy matrix R[i][j] (%): accuracy on task j after training task i", header]
-        for i, row in enumerate(rows):
-            lines.append(f"{i:>10} | " + " ".join("  -   " if a != a else f"{100 * a:5.1f} " for a in row))
-        m = self.continual_results["metrics"]
-        lines.append(
-            f"Final average accuracy: {100 * m['final/avg_acc']:.2f}%  | forgetting {100 * m['final/avg_forgetting']:.2f}"
-            f"  | BWT {100 * m['final/bwt']:.2f}"
-        )
-        others = [(k, v) for k, v in m.items() if k not in ("final/avg_acc", "final/avg_forgetting", "final/bwt")
-                  and "_task" not in k]
+        rows, m = self.continual_results["accuracy_matrix"], self.continual_results["metrics"]
+        lines = []
+        if rows:
+            lines += ["", "Accuracy matrix R[i][j] (%): accuracy on task j after training task i",
+                      "after task | " + " ".join(f"T{j:<5}" for j in range(len(rows[0])))]
+            for i, row in enumerate(rows):
+                lines.append(f"{i:>10} | " + " ".join("  -   " if a != a else f"{100 * a:5.1f} " for a in row))
+            lines.append(f"Final average accuracy: {100 * m['final/avg_acc']:.2f}%  | forgetting "
+                         f"{100 * m['final/avg_forgetting']:.2f}  | BWT {100 * m['final/bwt']:.2f}")
+        shown = ("final/avg_acc", "final/avg_forgetting", "final/bwt")
+        others = [(k, v) for k, v in m.items() if k not in shown and "_task" not in k]
         for i in range(0, len(others), 4):
-            lines.append("  " + "  | ".join(f"{k} {100 * v if 'steps' not in k else v:.2f}" for k, v in others[i:i + 4]))
+            lines.append("  " + "  | ".join(f"{k} {100 * v:.2f}" for k, v in others[i:i + 4]))
         print("\n".join(lines), flush=True)

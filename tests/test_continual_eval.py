@@ -153,3 +153,15 @@ def test_plots_reach_wandb_offline(tmp_path, monkeypatch):
     media = list(tmp_path.rglob("media/images/continual_eval/*.png"))
     assert len(media) == 2
     assert "stability/min_acc" in trainer.continual_results["metrics"]
+
+
+def test_stability_metrics_without_end_of_task_tests(tmp_path):
+    cb = ContinualEvaluation(every_n_steps=5, plots=False)
+    L.seed_everything(0)
+    data = ContinualDataModule(source="digits", n_tasks=2, batch_size=32, class_order=[0, 1, 2, 3])
+    trainer = ContinualTrainer(epochs_per_task=1, eval_after_task=False, callbacks=[cb], logger=False,
+                               default_root_dir=tmp_path, **QUIET_TRAINER)
+    trainer.fit(ER(buffer_size=20), datamodule=data)
+    assert trainer.accuracy_matrix == [[], []]
+    assert "stability/min_acc" in trainer.continual_results["metrics"]
+    assert (tmp_path / "continual_eval.csv").exists()

@@ -35,7 +35,8 @@ class ContinualEvaluation(ContinualCallback):
         every_n_steps: evaluation period in training iterations (the paper uses 1).
         samples_per_task: size of each task's fixed evaluation subset (the paper uses 1,000).
         include_future_tasks: also evaluate tasks not trained yet.
-        eval_batch_size: chunk size of the evaluation forward passes.
+        eval_batch_size: chunk size of the evaluation forward passes (about 1,000 keeps a CPU's
+            caches warm; larger chunks suit a GPU).
         seed: seed of the subset choice (independent of the run's global RNG).
         windows: iteration windows of WF/WP (the paper reports 10 and 100).
         log_curves: send the per-iteration accuracies to the loggers (at each task end).
@@ -44,7 +45,7 @@ class ContinualEvaluation(ContinualCallback):
     """
 
     def __init__(self, every_n_steps: int = 1, samples_per_task: int = 1000, include_future_tasks: bool = False,
-                 eval_batch_size: int = 4096, seed: int = 0, windows: list[int] | None = None,
+                 eval_batch_size: int = 1024, seed: int = 0, windows: list[int] | None = None,
                  log_curves: bool = True, plots: bool = True, save_dir: str | None = None) -> None:
         if every_n_steps < 1 or samples_per_task < 1 or eval_batch_size < 1:
             raise ValueError("every_n_steps, samples_per_task and eval_batch_size must be positive")
@@ -108,9 +109,8 @@ class ContinualEvaluation(ContinualCallback):
                     logits = module(x, t).float()
                     correct = (logits.argmax(1) == y).float()
                     loss = F.cross_entropy(logits, y, reduction="none")
-                    stats[0] += torch.bincount(t, weights=correct, minlength=n_tasks)
-                    stats[1] += torch.bincount(t, minlength=n_tasks).float()
-                    stats[2] += torch.bincount(t, weights=loss, minlength=n_tasks)
+                    # index_add_ has a fixed output size; CUDA bincount reads min/max back to the host.
+                    stats.index_add_(1, t, torch.stack([correct, torch.ones_like(correct), loss]))
         finally:
             for m, flag in flags:
                 m.training = flag

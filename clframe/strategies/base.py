@@ -113,8 +113,9 @@ class ContinualModule(L.LightningModule):
     # ------------------------------------------------------------------ forward
     def preprocess(self, x: Tensor) -> Tensor:
         """uint8 images to normalised floats, on the device (cheap, and keeps loaders compact)."""
-        if not x.is_floating_point():
+        if not x.is_floating_point():  # a fresh tensor: normalise it in place
             x = x.float().div_(255.0)
+            return x.sub_(self.input_mean).div_(self.input_std) if x.dim() == 4 else x
         if x.dim() == 4:
             x = (x - self.input_mean) / self.input_std
         return x
@@ -180,9 +181,7 @@ class ContinualModule(L.LightningModule):
     def _eval_step(self, batch: Batch) -> None:
         x, y, t = batch
         correct = (self(x, t).argmax(1) == y).to(self._eval_counts.dtype)
-        n = self._eval_counts.shape[1]
-        self._eval_counts[0] += torch.bincount(t, weights=correct, minlength=n)[:n]
-        self._eval_counts[1] += torch.bincount(t, minlength=n)[:n].to(correct.dtype)
+        self._eval_counts.index_add_(1, t, torch.stack([correct, torch.ones_like(correct)]))  # no host sync
 
     def _eval_end(self) -> list[float]:
         counts = self.trainer.strategy.reduce(self._eval_counts, reduce_op="sum")
