@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -25,6 +27,26 @@ from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.metrics.matrix import summarize_matrix
 from clframe.strategies.base import ContinualModule
+
+
+def _rng_states() -> dict[str, Any]:
+    """Global RNG states in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+              "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
 
 # Streams without validation data serve an empty list of val loaders; that is intended.
 warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
@@ -48,13 +70,16 @@ class StreamProgress(L.Callback):
         self.task: Task | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "rows": self.rows, "task_ended": self.task_ended, "initial": self.initial}
+        return {"task_id": self.task_id, "rows": self.rows, "task_ended": self.task_ended, "initial": self.initial,
+                "rng": _rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.task_id = state_dict["task_id"]
         self.rows = [list(r) for r in state_dict["rows"]]
         self.task_ended = state_dict["task_ended"]
         self.initial = state_dict.get("initial")
+        if "rng" in state_dict:  # dropout, augmentation: the resumed run draws what the original would have
+            _set_rng_states(state_dict["rng"])
 
     def end_task(self, trainer: L.Trainer, module: ContinualModule) -> None:
         if self.task_ended or self.task is None:
@@ -118,6 +143,8 @@ class ContinualTrainer(L.Trainer):
             raise TypeError("ContinualTrainer.fit takes its data as datamodule=ContinualDataModule(...), not dataloaders")
         stream = datamodule.stream
         model.bind_stream(stream)
+        if ckpt_path is not None:
+            ckpt_path = self.resolve_checkpoint(ckpt_path)
         start = self._resume_point(ckpt_path) if ckpt_path is not None else 0
         if ckpt_path is None:
             self.progress.rows, self.progress.initial = [], None
@@ -187,6 +214,22 @@ class ContinualTrainer(L.Trainer):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
         return row
+
+    def resolve_checkpoint(self, ckpt_path: str | Path) -> Path:
+        """A checkpoint path, or ``"last"``: the newest ``last*.ckpt`` of the checkpoint callbacks' folders
+        (or anywhere under ``default_root_dir``)."""
+        if str(ckpt_path) != "last":
+            return Path(ckpt_path)
+        folders = [Path(cb.dirpath) for cb in self.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        candidates = [p for f in folders for p in f.glob("last*.ckpt")] or \
+            list(Path(self.default_root_dir).rglob("last*.ckpt"))
+        if not candidates:
+            raise FileNotFoundError(
+                f"ckpt_path='last' but no last.ckpt was found in {[str(f) for f in folders] or self.default_root_dir}; "
+                "enable ModelCheckpoint(save_last=True) (with a fixed dirpath) in the run you want to resume, "
+                "or pass the checkpoint's path."
+            )
+        return max(candidates, key=lambda p: p.stat().st_mtime)
 
     def _resume_point(self, ckpt_path: str | Path) -> int:
         path = Path(ckpt_path)

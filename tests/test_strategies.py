@@ -152,7 +152,7 @@ def run_stream(model: Any, root: Path, epochs: int = 1, scenario: str = "class",
 CONFIGS = {
     # name: (strategy, kwargs, epochs per task, scenario, tasks)
     "Finetune": (Finetune, dict(lr=0.05), 3, "class", 5),
-    "Joint": (Joint, {}, 1, "class", 5),
+    "Joint": (Joint, dict(lr=0.1), 1, "class", 5),
     "ER": (ER, dict(lr=0.05, buffer_size=200), 3, "class", 5),
     "EWC": (EWC, {}, 1, "class", 5),
     "LwF": (LwF, {}, 1, "class", 5),

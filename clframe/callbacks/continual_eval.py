@@ -139,6 +139,17 @@ class ContinualEvaluation(ContinualCallback):
             self.loss.append(lo)
         self._pending, self._pending_meta = [], []
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The curves so far, so a resumed run reports the whole stream (pending evaluations flushed)."""
+        self._flush()
+        return {"steps": self.steps, "trained_task": self.trained_task, "accuracy": self.accuracy,
+                "loss": self.loss, "task_ends": self.task_ends}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in ("steps", "trained_task", "accuracy", "loss", "task_ends"):
+            setattr(self, key, list(state_dict[key]))
+
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._data is None:

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clframe.data.samplers import PerTaskBatchSampler
+from clframe.data.samplers import EpochShuffleSampler, PerTaskBatchSampler
 from clframe.data.scenarios import ScenarioError, class_incremental, domain_incremental, task_incremental
 from clframe.data.sources import load_source
 from clframe.data.stream import Batch, TaskDataset, TaskStream, passthrough_collate
@@ -36,6 +36,34 @@ class ConcatTaskDataset(Dataset):
             order.append(sel)
         inverse = torch.cat(order).argsort()
         return tuple(torch.cat([p[k] for p in parts])[inverse] for k in range(3))  # type: ignore[return-value]
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader: its position goes into Lightning checkpoints (``state_dict``), so a run
+    killed mid-epoch resumes with exactly the batches it had not seen yet, in the same order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._resumed = 0
+
+    def _order(self) -> EpochShuffleSampler | PerTaskBatchSampler:
+        return self.batch_sampler if isinstance(self.batch_sampler, PerTaskBatchSampler) else self.sampler
+
+    def __iter__(self):
+        self._yielded, self._resumed = self._resumed, 0  # batches of this epoch already consumed
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._order().epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        batches = int(state_dict["batches"])
+        per_batch = 1 if isinstance(self.batch_sampler, PerTaskBatchSampler) else self.batch_size
+        self._order().resume_at(int(state_dict["epoch"]), batches * per_batch)
+        self._resumed = batches
 
 
 TrainScope = Literal["current", "seen", "all"]
@@ -153,8 +181,13 @@ class ContinualDataModule(L.LightningDataModule):
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
             collate_fn=passthrough_collate, persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available() and workers > 0,
+            pin_memory=torch.cuda.is_available() and workers > 0, generator=self._private_generator(),
         )
+
+    def _private_generator(self) -> torch.Generator:
+        """Every DataLoader iterator draws a worker seed; from this generator, not the global RNG, so
+        creating loaders (new epochs, evaluations, a resumed run) never shifts training randomness."""
+        return torch.Generator().manual_seed(self.seed)
 
     def train_dataset(self) -> Dataset:
         tasks = self.stream.tasks
@@ -164,13 +197,15 @@ class ContinualDataModule(L.LightningDataModule):
         return ConcatTaskDataset([t.train for t in tasks[:upto]])
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.train_dataset()
+        """Shuffled by ``(seed, epoch)`` alone and resumable mid-epoch (see :class:`ResumableDataLoader`)."""
+        dataset, workers = self.train_dataset(), self.hparams.num_workers
+        common = dict(num_workers=workers, collate_fn=passthrough_collate, persistent_workers=workers > 0,
+                      pin_memory=torch.cuda.is_available() and workers > 0, generator=self._private_generator())
         if isinstance(dataset, ConcatTaskDataset) and self.hparams.joint_batches == "per_task":
-            sampler = PerTaskBatchSampler([len(d) for d in dataset.datasets], self.hparams.batch_size)
-            workers = self.hparams.num_workers
-            return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=passthrough_collate,
-                              persistent_workers=workers > 0)
-        return self._loader(dataset, self.hparams.batch_size, shuffle=True)
+            sampler = PerTaskBatchSampler([len(d) for d in dataset.datasets], self.hparams.batch_size, self.seed)
+            return ResumableDataLoader(dataset, batch_sampler=sampler, **common)
+        return ResumableDataLoader(dataset, batch_size=self.hparams.batch_size,
+                                   sampler=EpochShuffleSampler(len(dataset), self.seed), **common)
 
     def _eval_tasks(self):
         tasks = self.stream.tasks

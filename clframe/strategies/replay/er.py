@@ -40,9 +40,13 @@ class ReplayModule(ContinualModule):
         """Extra per-sample fields to store (DER stores logits); none by default."""
         return {}
 
-    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        # Inserted here, not in on_train_batch_end: checkpoint callbacks save before the module's
+        # batch-end hook, and a resumed run must find this batch in the buffer.
         x, y, t = batch
         self.buffer.add(x, y, t, **self.buffer_extras(batch))
+        return loss
 
 
 class ER(ReplayModule):
