@@ -15,6 +15,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from clframe.data.datamodule import ContinualDataModule
+from clframe.errors import ClframeError
 from clframe.strategies.base import ContinualModule
 from clframe.trainer import ContinualTrainer
 
@@ -52,9 +53,27 @@ def run_cli(args: Sequence[str] | None = None) -> ContinualCLI:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: bad input ends with one readable paragraph and exit status 2."""
     sys.argv = [sys.argv[0], *with_default_config(sys.argv[1:])]
-    ContinualCLI()
+    try:
+        ContinualCLI()
+    except ValueError as err:
+        cause = input_error(err)
+        if cause is None:
+            raise  # not bad input: a bug, keep the traceback
+        print(f"clframe: error: {cause}", file=sys.stderr)
+        sys.exit(2)
+
+
+def input_error(err: BaseException) -> ClframeError | None:
+    """The ClframeError behind ``err`` (jsonargparse wraps errors raised while building classes)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ClframeError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from clframe.callbacks.base import ContinualCallback
 from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
+from clframe.errors import CheckpointError, ConfigError
 from clframe.metrics.matrix import summarize_matrix
 from clframe.strategies.base import ContinualModule
 
@@ -46,6 +47,12 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _global_seed() -> int | None:
+    """The run's ``seed_everything`` value (recorded with every result)."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else None
 
 
 # Streams without validation data serve an empty list of val loaders; that is intended.
@@ -111,16 +118,16 @@ class ContinualTrainer(L.Trainer):
     def __init__(self, *args: Any, epochs_per_task: int = 1, steps_per_task: int | None = None,
                  eval_after_task: bool = True, **kwargs: Any) -> None:
         if kwargs.get("max_epochs") not in (None, -1):
-            raise ValueError(
+            raise ConfigError(
                 "ContinualTrainer manages max_epochs itself; set epochs_per_task instead "
                 f"(got max_epochs={kwargs['max_epochs']})."
             )
         if epochs_per_task < 1:
-            raise ValueError(f"epochs_per_task must be at least 1, got {epochs_per_task}")
+            raise ConfigError(f"epochs_per_task must be at least 1, got {epochs_per_task}")
         if steps_per_task is not None and steps_per_task < 1:
-            raise ValueError(f"steps_per_task must be at least 1, got {steps_per_task}")
+            raise ConfigError(f"steps_per_task must be at least 1, got {steps_per_task}")
         if steps_per_task is not None and kwargs.get("max_steps") not in (None, -1):
-            raise ValueError("set steps_per_task or max_steps, not both (ContinualTrainer manages max_steps)")
+            raise ConfigError("set steps_per_task or max_steps, not both (ContinualTrainer manages max_steps)")
         kwargs.pop("max_epochs", None)
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = CSVLogger(kwargs.get("default_root_dir") or os.getcwd(), name="lightning_logs")
@@ -224,7 +231,7 @@ class ContinualTrainer(L.Trainer):
         candidates = [p for f in folders for p in f.glob("last*.ckpt")] or \
             list(Path(self.default_root_dir).rglob("last*.ckpt"))
         if not candidates:
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"ckpt_path='last' but no last.ckpt was found in {[str(f) for f in folders] or self.default_root_dir}; "
                 "enable ModelCheckpoint(save_last=True) (with a fixed dirpath) in the run you want to resume, "
                 "or pass the checkpoint's path."
@@ -234,11 +241,11 @@ class ContinualTrainer(L.Trainer):
     def _resume_point(self, ckpt_path: str | Path) -> int:
         path = Path(ckpt_path)
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist; give the path of a .ckpt file written by this run")
+            raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .ckpt file written by this run")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         state = ckpt.get("callbacks", {}).get(StreamProgress.state_key)
         if state is None:
-            raise ValueError(f"{path} holds no clframe stream progress; it was not written by a ContinualTrainer run")
+            raise ConfigError(f"{path} holds no clframe stream progress; it was not written by a ContinualTrainer run")
         self.progress.load_state_dict(state)
         return self.progress.task_id
 
@@ -251,7 +258,7 @@ class ContinualTrainer(L.Trainer):
         rows = [r for r in self.progress.rows if r]
         metrics = summarize_matrix(rows, self.progress.initial) if rows else {}
         self.continual_results = {"accuracy_matrix": rows, "initial_accuracy": self.progress.initial,
-                                  "metrics": metrics, "seed": datamodule.stream.seed,
+                                  "metrics": metrics, "seed": _global_seed(), "data_seed": datamodule.stream.seed,
                                   "stream": {"name": datamodule.stream.name, "scenario": datamodule.stream.scenario,
                                              "tasks": len(datamodule.stream), "signature": datamodule.stream.signature()}}
         for cb in self.callbacks:

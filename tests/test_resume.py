@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from clframe import ER, ContinualDataModule, ContinualTrainer
+from clframe.errors import CheckpointError
 from tests.conftest import QUIET_TRAINER
 
 
@@ -50,7 +51,7 @@ def test_resume_refuses_a_checkpoint_of_another_stream(tmp_path):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     data, model, trainer = _setup(tmp_path, "x")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         trainer.fit(model, datamodule=data, ckpt_path=tmp_path / "nope.ckpt")
 
 

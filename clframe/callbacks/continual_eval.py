@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from clframe.callbacks.base import ContinualCallback
 from clframe.callbacks.plots import plot_accuracy_curves, plot_accuracy_matrix
 from clframe.data.stream import Task, TaskStream
+from clframe.errors import ConfigError
 from clframe.metrics.stability import summarize_curves
 
 
@@ -48,7 +49,7 @@ class ContinualEvaluation(ContinualCallback):
                  eval_batch_size: int = 1024, seed: int = 0, windows: list[int] | None = None,
                  log_curves: bool = True, plots: bool = True, save_dir: str | None = None) -> None:
         if every_n_steps < 1 or samples_per_task < 1 or eval_batch_size < 1:
-            raise ValueError("every_n_steps, samples_per_task and eval_batch_size must be positive")
+            raise ConfigError("every_n_steps, samples_per_task and eval_batch_size must be positive")
         self.every_n_steps = every_n_steps
         self.samples_per_task = samples_per_task
         self.include_future_tasks = include_future_tasks

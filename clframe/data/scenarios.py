@@ -17,9 +17,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from clframe.data.sources import SourceData
 from clframe.data.stream import Task, TaskDataset, TaskStream
+from clframe.errors import ClframeError
 
 
-class ScenarioError(ValueError):
+class ScenarioError(ClframeError):
     """A scenario's arguments do not describe a valid stream; the message says how to fix them."""
 
 

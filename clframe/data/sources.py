@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from clframe.errors import ClframeError
+
 ENV_VAR = "CLFRAME_DATA"
 IMAGE_EXTENSIONS = frozenset(
     {".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
@@ -33,7 +35,7 @@ _CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 _DIGITS_SEED = 0
 
 
-class DataSourceError(ValueError):
+class DataSourceError(ClframeError):
     """Bad input to a data source; the message says what is wrong and how to fix it."""
 
 

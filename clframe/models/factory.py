@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from clframe.errors import ConfigError
 from clframe.models.mlp import MLP
 from clframe.models.resnet import ResNet18
 
@@ -56,5 +57,5 @@ def create_backbone(name: str, input_shape: Sequence[int], **kwargs: Any) -> nn.
     if name.startswith("timm:"):
         return _timm(name.split(":", 1)[1], input_shape, **kwargs)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(backbone_names())}")
+        raise ConfigError(f"unknown backbone {name!r}; allowed: {', '.join(backbone_names())}")
     return _REGISTRY[name](input_shape, **kwargs)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from clframe.data.stream import Batch, Task, TaskStream
+from clframe.errors import ConfigError, NonFiniteLossError
 from clframe.models.factory import create_backbone
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
@@ -38,6 +39,8 @@ class ContinualModule(L.LightningModule):
         num_classes, input_shape, scenario: taken from the stream when not given.
         optimizer, lr, momentum, weight_decay: the optimizer rebuilt at every task start.
         mask_unseen_classes: in class-incremental streams, hide classes of future tasks.
+        check_finite_loss: stop with a clear error when the loss becomes NaN or infinite (one
+            host sync per step on a GPU; turn off for the last bit of speed).
     """
 
     train_scope: Literal["current", "seen", "all"] = "current"
@@ -55,12 +58,13 @@ class ContinualModule(L.LightningModule):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         mask_unseen_classes: bool = True,
+        check_finite_loss: bool = True,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+            raise ConfigError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
         if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+            raise ConfigError(f"lr must be positive, got {lr}")
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
         # Not an attribute assignment: a module given here must not be registered twice.
         object.__setattr__(self, "_backbone_spec", backbone)
@@ -79,7 +83,7 @@ class ContinualModule(L.LightningModule):
         spec = self._backbone_spec
         backbone = create_backbone(spec, input_shape, **(self.hparams.backbone_kwargs or {})) if isinstance(spec, str) else spec
         if not hasattr(backbone, "num_features"):
-            raise ValueError("the backbone must expose `num_features` (the width of its output features)")
+            raise ConfigError("the backbone must expose `num_features` (the width of its output features)")
         return backbone, nn.Linear(backbone.num_features, num_classes)
 
     def _build(self, num_classes: int, input_shape: tuple[int, ...], scenario: str) -> None:
@@ -99,10 +103,12 @@ class ContinualModule(L.LightningModule):
         if self.backbone is None:
             self._build(stream.num_classes, tuple(stream.input_shape), stream.scenario)
         elif (h.num_classes, tuple(h.input_shape), h.scenario) != (stream.num_classes, tuple(stream.input_shape), stream.scenario):
-            raise ValueError(
+            raise ConfigError(
                 f"the model was built for {h.num_classes} classes, input {tuple(h.input_shape)}, scenario "
                 f"{h.scenario!r} but the stream has {stream.num_classes} classes, input {tuple(stream.input_shape)}, "
-                f"scenario {stream.scenario!r}; leave num_classes/input_shape/scenario unset to take them from the data."
+                f"scenario {stream.scenario!r}. When resuming (--ckpt_path), this means the checkpoint was written "
+                "for a different task stream: resume with the config that produced it, or start without "
+                "--ckpt_path. Otherwise leave num_classes/input_shape/scenario unset to take them from the data."
             )
         self.num_tasks = len(stream)
         self.class_task.copy_(torch.tensor(stream.class_to_task()))
@@ -129,7 +135,7 @@ class ContinualModule(L.LightningModule):
             return None
         if self.scenario == "task":
             if task_ids is None:
-                raise ValueError("task-incremental logits need the task id of every sample")
+                raise ConfigError("task-incremental logits need the task id of every sample")
             return self.class_task.unsqueeze(0) == task_ids.unsqueeze(1)
         if not self.hparams.mask_unseen_classes:
             return None
@@ -163,6 +169,13 @@ class ContinualModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.training_loss(batch)
+        if self.hparams.check_finite_loss and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at global step {self.global_step} (task "
+                f"{int(self.current_task)}). Lower the learning rate (now {self.hparams.lr}), clip gradients "
+                "(--trainer.gradient_clip_val=1.0), or check the data for NaN/inf values. Checkpoints and logs "
+                "written so far are intact; resume from one with --ckpt_path."
+            )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 

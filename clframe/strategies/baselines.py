@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from clframe.data.stream import Batch, Task, passthrough_collate
+from clframe.errors import ConfigError
 from clframe.strategies.base import ContinualModule
 
 
@@ -58,7 +59,7 @@ class EWC(ContinualModule):
                  fisher_samples: int | None = None, fisher_batch_size: int = 128, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if ewc_lambda < 0:
-            raise ValueError(f"ewc_lambda must be non-negative, got {ewc_lambda}")
+            raise ConfigError(f"ewc_lambda must be non-negative, got {ewc_lambda}")
         self.register_buffer("ewc_fisher", torch.empty(0))
         self.register_buffer("ewc_anchor", torch.empty(0))
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from clframe.errors import ConfigError
+
 BufferPolicy = Literal["reservoir", "class_balanced"]
 
 
@@ -46,9 +48,9 @@ class ReplayBuffer(nn.Module):
     def __init__(self, capacity: int, policy: BufferPolicy = "reservoir", seed: int = 0) -> None:
         super().__init__()
         if int(capacity) <= 0:
-            raise ValueError(f"buffer capacity must be a positive number of samples, got {capacity}")
+            raise ConfigError(f"buffer capacity must be a positive number of samples, got {capacity}")
         if policy not in ("reservoir", "class_balanced"):
-            raise ValueError(f"unknown buffer policy {policy!r}; allowed: reservoir, class_balanced")
+            raise ConfigError(f"unknown buffer policy {policy!r}; allowed: reservoir, class_balanced")
         self.capacity = int(capacity)
         self.policy = policy
         self.generator = torch.Generator().manual_seed(seed)
@@ -171,7 +173,7 @@ class ReplayBuffer(nn.Module):
     def sample(self, n: int) -> dict[str, Tensor]:
         """``n`` stored samples drawn without replacement (all of them if fewer are stored)."""
         if n < 1:
-            raise ValueError(f"the number of samples to draw must be positive, got {n}")
+            raise ConfigError(f"the number of samples to draw must be positive, got {n}")
         slots = self.valid_slots()
         if len(slots) == 0:
             raise RuntimeError("cannot sample from an empty replay buffer")
@@ -190,7 +192,7 @@ class ReplayBuffer(nn.Module):
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
         if state["capacity"] != self.capacity or state["policy"] != self.policy:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint buffer (capacity {state['capacity']}, policy {state['policy']}) does not match this "
                 f"strategy's buffer (capacity {self.capacity}, policy {self.policy}); resume with the same config."
             )

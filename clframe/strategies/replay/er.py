@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from clframe.data.stream import Batch
+from clframe.errors import ConfigError
 from clframe.strategies.base import ContinualModule
 from clframe.strategies.replay.buffer import BufferPolicy, ReplayBuffer
 
@@ -27,7 +28,7 @@ class ReplayModule(ContinualModule):
                  buffer_policy: BufferPolicy = "reservoir", buffer_seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if replay_batch_size is not None and replay_batch_size <= 0:
-            raise ValueError(f"replay_batch_size must be positive, got {replay_batch_size}")
+            raise ConfigError(f"replay_batch_size must be positive, got {replay_batch_size}")
         self.buffer = ReplayBuffer(buffer_size, buffer_policy, seed=buffer_seed)
 
     def replay_batch(self, batch_size: int) -> dict[str, Tensor] | None:
@@ -60,7 +61,7 @@ class ER(ReplayModule):
     def __init__(self, new_weight: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if new_weight is not None and not 0.0 <= new_weight <= 1.0:
-            raise ValueError(f"new_weight must be in [0, 1], got {new_weight}")
+            raise ConfigError(f"new_weight must be in [0, 1], got {new_weight}")
 
     def training_loss(self, batch: Batch) -> Tensor:
         x, y, t = batch
