@@ -3,5 +3,6 @@
 from clframe.strategies.base import ContinualModule
 from clframe.strategies.baselines import EWC, Finetune, Joint, LwF
 from clframe.strategies.replay.er import ER
+from clframe.strategies.supermask import WSN, ExSSNeT, SupSup
 
-__all__ = ["ER", "EWC", "ContinualModule", "Finetune", "Joint", "LwF"]
+__all__ = ["ER", "EWC", "WSN", "ContinualModule", "ExSSNeT", "Finetune", "Joint", "LwF", "SupSup"]
