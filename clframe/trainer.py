@@ -4,6 +4,10 @@ For every task it calls the task hooks, runs Lightning's own ``fit`` for the tas
 loggers, checkpoints, precision, callbacks and strategies work unchanged; the global step never
 resets; optimizers are rebuilt by ``configure_optimizers``), then tests every seen task and
 records a row of the accuracy matrix.
+
+Under DDP (``strategy="ddp"``) Lightning starts the other ranks by re-running the command (or
+script) on the first ``fit``; every rank then runs this whole stream loop, in lockstep, and the
+later per-task fits reuse the same processes. The data module shards every loader itself.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from clframe.callbacks.base import ContinualCallback
@@ -111,12 +116,17 @@ class ContinualTrainer(L.Trainer):
         eval_after_task: test every seen task after each task (the accuracy matrix). When the
             data module has ``eval_all_tasks``, the untrained model is tested too, which gives
             forward transfer (FWT).
+        use_distributed_sampler: accepted for compatibility and ignored: under DDP the data module
+            always shards its loaders itself (Lightning's injected sampler would reshuffle with
+            its own seed, breaking exact resume, and cannot wrap the per-task batch sampler), so
+            Lightning's injection stays off.
         All other arguments are Lightning's ``Trainer`` arguments. The default logger is a
-        ``CSVLogger`` under ``default_root_dir``.
+        ``CSVLogger`` under ``default_root_dir``. Distributed runs need a strategy that keeps its
+        processes across calls (``ddp``), not a spawning one (``ddp_spawn``, ``ddp_notebook``).
     """
 
     def __init__(self, *args: Any, epochs_per_task: int = 1, steps_per_task: int | None = None,
-                 eval_after_task: bool = True, **kwargs: Any) -> None:
+                 eval_after_task: bool = True, use_distributed_sampler: bool = False, **kwargs: Any) -> None:
         if kwargs.get("max_epochs") not in (None, -1):
             raise ConfigError(
                 "ContinualTrainer manages max_epochs itself; set epochs_per_task instead "
@@ -134,7 +144,15 @@ class ContinualTrainer(L.Trainer):
         self.progress = StreamProgress()
         callbacks = kwargs.get("callbacks") or []
         kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.progress]
-        super().__init__(*args, max_epochs=epochs_per_task, **kwargs)
+        super().__init__(*args, max_epochs=epochs_per_task, use_distributed_sampler=False, **kwargs)
+        if isinstance(self.strategy.launcher, _MultiProcessingLauncher):
+            raise ConfigError(
+                "spawning strategies (ddp_spawn, ddp_fork, ddp_notebook) start new processes for every fit/test call, "
+                "so each task would train in fresh processes that forget the stream (task pointer, callbacks, global "
+                "step). Use "
+                "strategy='ddp' (--trainer.strategy=ddp): it starts the ranks once and each runs the whole stream; "
+                "from Python, put the training code under `if __name__ == \"__main__\":`."
+            )
         self.epochs_per_task = epochs_per_task
         self.steps_per_task = steps_per_task
         self.eval_after_task = eval_after_task
@@ -268,12 +286,11 @@ class ContinualTrainer(L.Trainer):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
             logger.save()
-        self._write_results()
+        self._write_results(Path(self.log_dir or self.default_root_dir))  # log_dir is a collective: every rank asks
         self._print_results()
 
     @rank_zero_only
-    def _write_results(self) -> None:
-        out = Path(self.log_dir or self.default_root_dir)
+    def _write_results(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         rows = self.continual_results["accuracy_matrix"]
         if rows:

@@ -7,6 +7,10 @@ are reduced on the device and stay there until the task ends, so the hot path ha
 at all (one transfer per task). Train/eval flags of every submodule are restored exactly, and
 the forward runs under the training precision. Evaluation consumes no random numbers and does
 not touch the gradients or BatchNorm statistics, so training is unchanged by it.
+
+Under DDP each rank evaluates every ``world_size``-th sample of the subsets (the weights are the
+same on every rank), and the counts are summed over the ranks once per task, when they go to the
+host: the curves equal a single process's evaluation of the same weights, at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.nn import functional as F
@@ -61,6 +66,7 @@ class ContinualEvaluation(ContinualCallback):
         self.save_dir = save_dir
         self._data: tuple[Tensor, Tensor, Tensor] | None = None
         self._offsets: list[int] = []
+        self._strategy: Strategy | None = None  # sums the counts over the ranks under DDP (set at train start)
         self._pending: list[Tensor] = []
         self._pending_meta: list[tuple[int, int]] = []
         self.steps: list[int] = []
@@ -71,7 +77,8 @@ class ContinualEvaluation(ContinualCallback):
         self.metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ subsets
-    def _build_subsets(self, stream: TaskStream) -> None:
+    def _build_subsets(self, stream: TaskStream, rank: int = 0, world_size: int = 1) -> None:
+        """The fixed subsets (the same for any world size); this rank keeps every ``world_size``-th sample."""
         gen = torch.Generator().manual_seed(self.seed)
         xs, ys, ts, offsets = [], [], [], [0]
         for task in stream.tasks:
@@ -80,8 +87,8 @@ class ContinualEvaluation(ContinualCallback):
             x, y, t = task.test.__getitems__(pick.tolist())
             xs.append(x), ys.append(y), ts.append(t)
             offsets.append(offsets[-1] + len(y))
-        self._data = (torch.cat(xs), torch.cat(ys), torch.cat(ts))
-        self._offsets = offsets
+        self._data = tuple(torch.cat(d)[rank::world_size] for d in (xs, ys, ts))
+        self._offsets = [len(range(rank, o, world_size)) for o in offsets]  # own samples before each task's start
 
     def _device_data(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         assert self._data is not None
@@ -126,10 +133,17 @@ class ContinualEvaluation(ContinualCallback):
         self._pending_meta.append((step, int(trainer.datamodule.current_task)))
 
     def _flush(self) -> None:
-        """Move the pending evaluations to the host: one transfer for the whole task."""
+        """Move the pending evaluations to the host: one transfer (and under DDP one reduction) for the whole task.
+
+        Every rank calls it at the same points (task end, stream end, checkpoint saving) with the
+        same number of pending evaluations, as the reduction needs.
+        """
         if not self._pending:
             return
-        stats = torch.stack(self._pending).cpu().double()
+        stats = torch.stack(self._pending)
+        if self._strategy is not None:
+            stats = self._strategy.reduce(stats, reduce_op="sum")
+        stats = stats.cpu().double()
         counts = stats[:, 1]
         acc = torch.where(counts > 0, stats[:, 0] / counts.clamp(min=1), torch.nan)
         loss = torch.where(counts > 0, stats[:, 2] / counts.clamp(min=1), torch.nan)
@@ -154,7 +168,8 @@ class ContinualEvaluation(ContinualCallback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._data is None:
-            self._build_subsets(trainer.datamodule.stream)
+            self._build_subsets(trainer.datamodule.stream, trainer.global_rank, trainer.world_size)
+        self._strategy = trainer.strategy if trainer.world_size > 1 else None
         self._record(trainer, pl_module)  # before the task's first update
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -185,15 +200,14 @@ class ContinualEvaluation(ContinualCallback):
         acc = np.asarray(self.accuracy, float)[:, : len(self.task_ends)]
         self.metrics = summarize_curves(self.steps, acc, self.task_ends, windows=self.windows)
         trainer.continual_results.setdefault("metrics", {}).update(self.metrics)
-        self._write(trainer)
+        self._write(trainer, self.output_dir(trainer))  # output_dir may be a collective: every rank asks
 
     # ------------------------------------------------------------------ outputs
     def output_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.save_dir or trainer.log_dir or trainer.default_root_dir)
 
     @rank_zero_only
-    def _write(self, trainer: L.Trainer) -> None:
-        out = self.output_dir(trainer)
+    def _write(self, trainer: L.Trainer, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         n_tasks = len(self.accuracy[0])
         with open(out / "continual_eval.csv", "w", newline="") as f:

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clframe.data.samplers import EpochShuffleSampler, PerTaskBatchSampler
+from clframe.data.samplers import EpochShuffleSampler, PerTaskBatchSampler, ShardSampler
 from clframe.data.scenarios import ScenarioError, class_incremental, domain_incremental, task_incremental
 from clframe.data.sources import load_source
 from clframe.data.stream import Batch, TaskDataset, TaskStream, passthrough_collate
@@ -77,6 +77,10 @@ class ContinualDataModule(L.LightningDataModule):
     each seen task in every batch); ``val/test_dataloader`` serve one loader per seen task, in task
     order, so ``dataloader_idx`` equals the task id. Batches are ``(uint8 x, label, task id)``;
     strategies scale and normalise on the device (`normalize=False`: scale to [0, 1] only).
+
+    Under DDP every loader serves this process's shard (see :mod:`clframe.data.samplers`): training
+    shards are disjoint and equally long, so ``batch_size`` is per process; evaluation shards cover
+    every test sample exactly once across the ranks.
     """
 
     def __init__(
@@ -176,10 +180,18 @@ class ContinualDataModule(L.LightningDataModule):
         self.current_task = task_id
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def shard(self) -> tuple[int, int]:
+        """``(global rank, world size)`` of this process under the attached trainer; ``(0, 1)`` without one."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
         workers = self.hparams.num_workers
+        rank, world = self.shard()
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+            dataset, batch_size=self.hparams.eval_batch_size, num_workers=workers,
+            sampler=ShardSampler(len(dataset), rank, world) if world > 1 else None,
             collate_fn=passthrough_collate, persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available() and workers > 0, generator=self._private_generator(),
         )
@@ -199,23 +211,26 @@ class ContinualDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled by ``(seed, epoch)`` alone and resumable mid-epoch (see :class:`ResumableDataLoader`)."""
         dataset, workers = self.train_dataset(), self.hparams.num_workers
+        rank, world = self.shard()
         common = dict(num_workers=workers, collate_fn=passthrough_collate, persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available() and workers > 0, generator=self._private_generator())
         if isinstance(dataset, ConcatTaskDataset) and self.hparams.joint_batches == "per_task":
-            sampler = PerTaskBatchSampler([len(d) for d in dataset.datasets], self.hparams.batch_size, self.seed)
+            sampler = PerTaskBatchSampler([len(d) for d in dataset.datasets], self.hparams.batch_size, self.seed,
+                                          rank=rank, world_size=world)
             return ResumableDataLoader(dataset, batch_sampler=sampler, **common)
         return ResumableDataLoader(dataset, batch_size=self.hparams.batch_size,
-                                   sampler=EpochShuffleSampler(len(dataset), self.seed), **common)
+                                   sampler=EpochShuffleSampler(len(dataset), self.seed, rank=rank, world_size=world),
+                                   **common)
 
     def _eval_tasks(self):
         tasks = self.stream.tasks
         return tasks if self.hparams.eval_all_tasks else tasks[: self.current_task + 1]
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader(t.val, self.hparams.eval_batch_size, False) for t in self._eval_tasks() if t.val is not None]
+        return [self._eval_loader(t.val) for t in self._eval_tasks() if t.val is not None]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(t.test, self.hparams.eval_batch_size, False) for t in self._eval_tasks()]
+        return [self._eval_loader(t.test) for t in self._eval_tasks()]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -1,10 +1,20 @@
-"""Batch samplers that shape what a training batch holds."""
+"""Samplers: the per-epoch training order, batches that shape what a training batch holds, and the
+shards of each data set that the ranks of a distributed (DDP) run see.
+
+Under DDP every rank builds the same order from ``(seed, epoch)`` and keeps its own disjoint share,
+so the order stays a pure function of the seed, the epoch, the rank and the world size (Lightning's
+injected ``DistributedSampler`` would reshuffle with its own seed and cannot wrap a batch sampler).
+Shares are strided (rank ``r`` takes positions ``r, r + W, ...``), so interleaving the ranks'
+batches sample by sample gives back the batch of one process with ``W`` times the batch size.
+With ``world_size=1`` every sampler yields exactly what it yields without DDP.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch import Tensor
 from torch.utils.data import Sampler
 
 
@@ -14,13 +24,20 @@ class PerTaskBatchSampler(Sampler[list[int]]):
     Incremental joint training in the stability-gap literature uses "batch 128 x number of tasks
     so far": every task contributes equally to every step whatever its size. An epoch lasts until
     the largest task has been seen once; smaller tasks are reshuffled and cycled.
+
+    Under DDP the ranks split every global batch of ``batch_size * world_size`` samples per task,
+    taking every ``world_size``-th of them from ``rank`` on: each rank gets ``batch_size`` per task,
+    disjoint from the other ranks', and all ranks get the same number of batches.
     """
 
-    def __init__(self, sizes: Sequence[int], batch_size: int, seed: int = 0) -> None:
+    def __init__(self, sizes: Sequence[int], batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
         if batch_size < 1 or not sizes or min(sizes) < 1:
             raise ValueError("PerTaskBatchSampler needs a positive batch size and non-empty tasks")
+        _check_shard(rank, world_size)
         self.sizes = list(sizes)
         self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
         self.offsets = torch.tensor([0, *self.sizes]).cumsum(0)[:-1].tolist()
         self.seed, self.epoch, self.start = seed, 0, 0
         self.sampler = self  # Lightning calls ``batch_sampler.sampler.set_epoch`` at every epoch start
@@ -34,20 +51,26 @@ class PerTaskBatchSampler(Sampler[list[int]]):
         self.epoch, self.start = epoch, (batches if batches < len(self) else 0)
 
     def __len__(self) -> int:
-        return -(-max(self.sizes) // self.batch_size)
+        return -(-max(self.sizes) // (self.batch_size * self.world_size))
 
     def __iter__(self) -> Iterator[list[int]]:
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         start, self.start = self.start, 0
-        needed = len(self) * self.batch_size
+        needed = len(self) * self.batch_size * self.world_size
         streams = []
         for size, offset in zip(self.sizes, self.offsets, strict=True):
             reps = -(-needed // size)
             order = torch.cat([torch.randperm(size, generator=gen) for _ in range(reps)])[:needed]
             streams.append(order + offset)
+        step = self.batch_size * self.world_size
         for b in range(start, len(self)):
-            lo = b * self.batch_size
-            yield torch.cat([s[lo:lo + self.batch_size] for s in streams]).tolist()
+            lo = b * step + self.rank  # this rank's share of global batch b
+            yield torch.cat([s[lo:(b + 1) * step:self.world_size] for s in streams]).tolist()
+
+
+def _check_shard(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -60,10 +83,17 @@ class EpochShuffleSampler(Sampler[int]):
 
     Lightning calls ``set_epoch`` at every epoch start; ``resume_at`` skips the samples already
     consumed when a run restarts mid-epoch, so a resumed run sees exactly the remaining order.
+
+    Under DDP all ranks draw the same permutation, cut it to a multiple of ``world_size`` and take
+    every ``world_size``-th position from ``rank`` on: the shards are disjoint and equally long (so
+    every rank runs the same number of steps, which DDP needs); at most ``world_size - 1`` samples
+    per epoch, a different random few every epoch, are left out.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        _check_shard(rank, world_size)
         self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:  # a resume position belongs to its own epoch only
@@ -71,12 +101,37 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def resume_at(self, epoch: int, position: int) -> None:
-        self.epoch, self.start = epoch, (position if position < self.size else 0)
+        self.epoch, self.start = epoch, (position if position < len(self) else 0)
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.world_size
+
+    def epoch_order(self) -> Tensor:
+        """This rank's whole order for the current epoch (a pure function of seed, epoch, rank and world size)."""
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
+        return order[self.rank: len(self) * self.world_size: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
+        order = self.epoch_order()
         start, self.start = self.start, 0
         return iter(order[start:].tolist())
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``world_size``-th index from ``rank`` on, in order and without padding (evaluation under DDP).
+
+    Across the ranks each sample is evaluated exactly once; PyTorch's ``DistributedSampler`` pads the
+    shards with repeated samples, which would count those twice. Shards may differ in length by one,
+    which is harmless for evaluation: its per-batch steps have no collectives (counts are reduced
+    once at the end).
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
+        _check_shard(rank, world_size)
+        self.size, self.rank, self.world_size = size, rank, world_size
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world_size))

@@ -197,7 +197,9 @@ class ContinualModule(L.LightningModule):
         self._eval_counts.index_add_(1, t, torch.stack([correct, torch.ones_like(correct)]))  # no host sync
 
     def _eval_end(self) -> list[float]:
-        counts = self.trainer.strategy.reduce(self._eval_counts, reduce_op="sum")
+        """Accuracy per task from the (correct, seen) counts, summed over the ranks: under DDP each rank
+        evaluates its own shard of the test data, so counts are added, never per-rank accuracies averaged."""
+        counts = self._eval_counts = self.trainer.strategy.reduce(self._eval_counts, reduce_op="sum")
         acc = torch.where(counts[1] > 0, counts[0] / counts[1].clamp(min=1), torch.nan)
         self.eval_accuracy = acc.tolist()
         return self.eval_accuracy

@@ -43,6 +43,9 @@ class ReplayBuffer(nn.Module):
 
     Fields: ``x`` (inputs, stored in their incoming dtype, e.g. uint8), ``y`` (labels), ``t``
     (task ids) and any extra per-sample tensors given to :meth:`add` (e.g. DER's logits).
+
+    Under DDP the owning strategy offers every rank's batch to every rank's buffer (see
+    ``ReplayModule``), so all ranks hold identical buffers of ``capacity`` samples in all.
     """
 
     def __init__(self, capacity: int, policy: BufferPolicy = "reservoir", seed: int = 0) -> None:
@@ -170,15 +173,22 @@ class ReplayBuffer(nn.Module):
                 self.data_y[evict.to(self.data_y.device)] = -1
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, n: int) -> dict[str, Tensor]:
-        """``n`` stored samples drawn without replacement (all of them if fewer are stored)."""
+    def sample(self, n: int, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
+        """``n`` stored samples drawn without replacement (all of them if fewer are stored).
+
+        Under DDP, where every rank holds the same buffer and generator, each rank passes its
+        ``rank``: all ranks draw the same permutation (so the generators stay in step) and take
+        disjoint shares of it, so the ranks replay different samples.
+        """
         if n < 1:
             raise ConfigError(f"the number of samples to draw must be positive, got {n}")
         slots = self.valid_slots()
         if len(slots) == 0:
             raise RuntimeError("cannot sample from an empty replay buffer")
-        pick = torch.randperm(len(slots), generator=self.generator)[:n].to(slots.device)
-        idx = slots[pick]
+        pick = torch.randperm(len(slots), generator=self.generator)
+        if len(pick) >= world_size:  # otherwise (fewer stored samples than ranks) every rank replays them all
+            pick = pick[rank::world_size]
+        idx = slots[pick[:n].to(slots.device)]
         return {name: self._storage(name)[idx] for name in self.fields}
 
     def all(self) -> dict[str, Tensor]:

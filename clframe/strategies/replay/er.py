@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from clframe.data.stream import Batch
 from clframe.errors import ConfigError
@@ -16,6 +17,14 @@ from clframe.strategies.replay.buffer import BufferPolicy, ReplayBuffer
 
 class ReplayModule(ContinualModule):
     """Base of replay strategies: owns the buffer and fills it after every training step.
+
+    Under DDP the buffers of all ranks are identical: every step, each rank inserts the batches of
+    all ranks (gathered and interleaved back into the order one process with the whole global
+    batch would see), and the buffers' generators, seeded alike, draw alike. So ``buffer_size`` is
+    the total memory whatever the number of processes, the run stays deterministic, and rank 0's
+    checkpoint holds every rank's buffer. Each rank replays its own disjoint share of a common
+    draw, so ``replay_batch_size`` is per process, like ``batch_size``: W processes replay what one
+    process with ``W * replay_batch_size`` would.
 
     Args:
         buffer_size: number of stored samples.
@@ -31,22 +40,49 @@ class ReplayModule(ContinualModule):
             raise ConfigError(f"replay_batch_size must be positive, got {replay_batch_size}")
         self.buffer = ReplayBuffer(buffer_size, buffer_policy, seed=buffer_seed)
 
+    def _shard(self) -> tuple[int, int]:
+        """``(global rank, world size)``; ``(0, 1)`` outside a trainer."""
+        trainer = self._trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def setup(self, stage: str) -> None:
+        """Keep the replay buffers out of DDP's per-step buffer broadcast: they are identical on every
+        rank by construction, and broadcasting the whole store every step would cost its size in traffic."""
+        super().setup(stage)
+        names = [f"{prefix}.{name}" if prefix else name for prefix, module in self.named_modules()
+                 if isinstance(module, ReplayBuffer) for name, _ in module.named_buffers()]
+        ignored = set(getattr(self, "_ddp_params_and_buffers_to_ignore", ())) | set(names)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, sorted(ignored))
+
     def replay_batch(self, batch_size: int) -> dict[str, Tensor] | None:
-        """A batch from the buffer, or ``None`` while it is empty."""
+        """A batch from the buffer (this rank's share under DDP), or ``None`` while it is empty."""
         if len(self.buffer) == 0:
             return None
-        return self.buffer.sample(self.hparams.replay_batch_size or batch_size)
+        rank, world = self._shard()
+        n = self.hparams.replay_batch_size or batch_size
+        return self.buffer.sample(n, rank=rank, world_size=world)
 
     def buffer_extras(self, batch: Batch) -> dict[str, Tensor]:
         """Extra per-sample fields to store (DER stores logits); none by default."""
         return {}
+
+    def gather_ranks(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The samples of every rank as one batch (a no-op in a single process).
+
+        The samplers give every rank batches of the same size, as ``all_gather`` needs, and strided
+        shares, so interleaving the ranks' samples restores the single-process order of the global batch.
+        """
+        if self._shard()[1] == 1:
+            return values
+        gathered = self.all_gather({k: v.detach() for k, v in values.items()})  # (world, batch, ...)
+        return {k: v.transpose(0, 1).flatten(0, 1) for k, v in gathered.items()}
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)
         # Inserted here, not in on_train_batch_end: checkpoint callbacks save before the module's
         # batch-end hook, and a resumed run must find this batch in the buffer.
         x, y, t = batch
-        self.buffer.add(x, y, t, **self.buffer_extras(batch))
+        self.buffer.add(**self.gather_ranks({"x": x, "y": y, "t": t, **self.buffer_extras(batch)}))
         return loss
 
 
