@@ -1,4 +1,6 @@
 from clframe.strategies.replay.buffer import ReplayBuffer
+from clframe.strategies.replay.der import DER, DERpp
 from clframe.strategies.replay.er import ER, ReplayModule
+from clframe.strategies.replay.icarl import ICaRL
 
-__all__ = ["ER", "ReplayBuffer", "ReplayModule"]
+__all__ = ["DER", "ER", "DERpp", "ICaRL", "ReplayBuffer", "ReplayModule"]
