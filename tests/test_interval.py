@@ -129,9 +129,11 @@ def test_worst_case_logits_take_the_lower_end_for_the_label_only() -> None:
 def test_modules_with_own_point_weights_propagate_interval_activations() -> None:
     """The InTAct use: point weights owned by the layers, interval activations."""
     gen = torch.Generator().manual_seed(5)
-    net = ibp.IntervalSequential(ibp.IntervalLinear(6, 5), ibp.IntervalReLU(), ibp.IntervalLinear(5, 2))
+    net = ibp.IntervalSequential(ibp.IntervalConv2d(2, 3, 3, padding=1), ibp.IntervalReLU(), ibp.IntervalAvgPool2d(2),
+                                 ibp.IntervalFlatten(), ibp.IntervalLinear(12, 5), ibp.IntervalReLU(),
+                                 ibp.IntervalLinear(5, 2))
     assert net.param_shapes() == [] and net.num_params == 0
-    xb = box(6, gen=gen)
+    xb = box(2, 4, 4, gen=gen)
     bounds = net(Interval(xb.centre[None], xb.radius[None]))
     with torch.no_grad():
         assert_inside(net(sample(xb, N, gen)), Interval(bounds.centre[0], bounds.radius[0]))

@@ -48,10 +48,6 @@ class Interval(NamedTuple):
     def from_bounds(cls, lower: Tensor, upper: Tensor) -> Interval:
         return cls((upper + lower) / 2, (upper - lower) / 2)
 
-    def contains(self, x: Tensor, tol: float = 0.0) -> Tensor:
-        """Whether every element of ``x`` lies in the box (up to ``tol``), as a boolean scalar."""
-        return ((x - self.centre).abs() <= self.radius + tol).all()
-
 
 Bound = Tensor | Interval
 """A point (plain tensor) or an interval."""
