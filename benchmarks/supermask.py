@@ -139,9 +139,13 @@ def work(name: str, seed: int, out: Path) -> dict[str, Any]:
     return result
 
 
-def run_one(name: str, seed: int, out_root: Path) -> dict[str, Any]:
+def run_one(name: str, seed: int, out_root: Path, fresh: bool) -> dict[str, Any]:
+    """Run one job and seed in a fresh process; a finished run's result is reused unless ``fresh``."""
     out = out_root / name / f"seed{seed}"
     result_file = out / "bench_result.json"
+    if result_file.exists() and not fresh:
+        print(f"reused: {name} seed {seed}", flush=True)
+        return json.loads(result_file.read_text())
     cmd = [sys.executable, __file__, "--worker", name, "--seeds", str(seed), "--out", str(out_root)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -212,6 +216,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
     parser.add_argument("--only", nargs="+", default=[j.name for j in JOBS], choices=[j.name for j in JOBS])
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench_supermask")
+    parser.add_argument("--fresh", action="store_true", help="re-run jobs that already have a result under --out")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -221,7 +226,7 @@ def main() -> None:
         return
     runs = [(name, seed) for name in args.only for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda r: run_one(*r, args.out), runs))
+        results = list(pool.map(lambda r: run_one(*r, args.out, args.fresh), runs))
     target = ROOT / "benchmarks/results"
     target.mkdir(exist_ok=True)
     raw = target / "supermask.json"
