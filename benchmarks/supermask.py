@@ -131,6 +131,7 @@ def work(name: str, seed: int, out: Path) -> dict[str, Any]:
                               "accuracy_matrix": trainer.accuracy_matrix, "mask": model.mask_storage()}
     if isinstance(model, SupSup) and model.hparams.infer_task_at_test:
         result["given_task_acc"] = model.given_task_accuracy
+        result["inferred_mask_acc"] = model.inferred_mask_accuracy
         result["task_inference_acc"] = model.task_inference_accuracy
         result["inference"] = inference_report(model, cli.datamodule.stream, **job.inference)
     if isinstance(model, ExSSNeT):

@@ -391,6 +391,8 @@ def test_supsup_reports_inferred_and_given_task_accuracy(runs) -> None:
     assert min(model.task_inference_accuracy) >= 0.8 and min(model.given_task_accuracy) > 0.9
     # with inferred ids a sample counts only if its task is right too: never above the given-task accuracy
     assert all(a <= g + 1e-9 for a, g in zip(matrix[-1], model.given_task_accuracy, strict=True))
+    # the class with the inferred mask (shared labels) is right at least whenever task and class both are
+    assert all(a <= c + 1e-9 for a, c in zip(matrix[-1], model.inferred_mask_accuracy, strict=True))
     assert average_accuracy(matrix) > 0.85
     with pytest.raises(ValueError, match="task id"):
         runs("wsn").model(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
