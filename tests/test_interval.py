@@ -6,6 +6,7 @@ tests run short Split-Digits streams on the CPU (a few seconds each, cached per 
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,7 +190,8 @@ def fit(cls=HyperInterval, scenario: str = "task", n_tasks: int = 3, **kwargs) -
     dm = ContinualDataModule(source="digits", scenario=scenario, n_tasks=n_tasks, class_order=list(range(2 * n_tasks)),
                              batch_size=32, eval_batch_size=512, normalize=False)
     snaps = Snapshots()
-    trainer = ContinualTrainer(steps_per_task=STEPS, logger=False, callbacks=[snaps], **QUIET_TRAINER)
+    trainer = ContinualTrainer(steps_per_task=STEPS, logger=False, callbacks=[snaps], default_root_dir=tempfile.mkdtemp(),
+                               **QUIET_TRAINER)  # results files go there, not into the working directory
     model = cls(**{**SMALL, "epsilon": 0.3, "beta": 0.05, **kwargs}) if cls is HyperInterval else cls(**{**SMALL, **kwargs})
     trainer.fit(model, datamodule=dm)
     return Run(model, trainer, dm, snaps.theta0)
