@@ -4,7 +4,8 @@ from clframe.strategies.base import ContinualModule
 from clframe.strategies.baselines import EWC, Finetune, Joint, LwF
 from clframe.strategies.replay.der import DER, DERpp
 from clframe.strategies.replay.er import ER
+from clframe.strategies.replay.gere import GeRe
 from clframe.strategies.replay.icarl import ICaRL
 from clframe.strategies.supermask import WSN, ExSSNeT, SupSup
 
-__all__ = ["DER", "ER", "EWC", "DERpp", "ICaRL", "WSN", "ContinualModule", "ExSSNeT", "Finetune", "Joint", "LwF", "SupSup"]
+__all__ = ["DER", "ER", "EWC", "GeRe", "DERpp", "ICaRL", "WSN", "ContinualModule", "ExSSNeT", "Finetune", "Joint", "LwF", "SupSup"]
