@@ -108,11 +108,15 @@ class ContinualDataModule(L.LightningDataModule):
         joint_batches: Literal["uniform", "per_task"] = "uniform",
         normalize: bool = True,
         seed: int | None = None,
+        views_per_sample: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1 or eval_batch_size < 1:
             raise ScenarioError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        if views_per_sample < 1 or batch_size % views_per_sample:
+            raise ScenarioError(f"views_per_sample ({views_per_sample}) must be positive and divide batch_size "
+                                f"({batch_size}): every batch holds batch_size / views_per_sample samples x their views")
         self.current_task = 0
         self.train_scope: TrainScope = "current"
         self._stream: TaskStream | None = None
@@ -214,6 +218,8 @@ class ContinualDataModule(L.LightningDataModule):
         rank, world = self.shard()
         common = dict(num_workers=workers, collate_fn=passthrough_collate, persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available() and workers > 0, generator=self._private_generator())
+        if self.hparams.get("views_per_sample", 1) > 1:  # the view-batch model (clframe.data.view_batch)
+            return self._view_batch_loader(dataset, rank, world, common)
         if isinstance(dataset, ConcatTaskDataset) and self.hparams.joint_batches == "per_task":
             sampler = PerTaskBatchSampler([len(d) for d in dataset.datasets], self.hparams.batch_size, self.seed,
                                           rank=rank, world_size=world)
@@ -221,6 +227,17 @@ class ContinualDataModule(L.LightningDataModule):
         return ResumableDataLoader(dataset, batch_size=self.hparams.batch_size,
                                    sampler=EpochShuffleSampler(len(dataset), self.seed, rank=rank, world_size=world),
                                    **common)
+
+    def _view_batch_loader(self, dataset: Dataset, rank: int, world: int, common: dict[str, Any]) -> DataLoader:
+        """R views of each sample in one batch, each sample back every R epochs, at the baseline's steps."""
+        from clframe.data.view_batch import ViewBatchLoader, ViewBatchSampler, task_epoch_offset
+
+        if isinstance(dataset, ConcatTaskDataset) and self.hparams.joint_batches == "per_task":
+            raise ScenarioError("views_per_sample > 1 cannot be combined with joint_batches='per_task'")
+        sampler = ViewBatchSampler(len(dataset), self.hparams.batch_size, self.hparams.views_per_sample, self.seed,
+                                   task=self.current_task, epoch_offset=task_epoch_offset(self.trainer), rank=rank,
+                                   world_size=world)
+        return ViewBatchLoader(dataset, batch_sampler=sampler, **common)
 
     def _eval_tasks(self):
         tasks = self.stream.tasks

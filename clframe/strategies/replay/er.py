@@ -13,6 +13,7 @@ from clframe.data.stream import Batch
 from clframe.errors import ConfigError
 from clframe.strategies.base import ContinualModule
 from clframe.strategies.replay.buffer import BufferPolicy, ReplayBuffer
+from clframe.strategies.replay.view_batch import ViewBatch, ViewBatchConfig
 
 
 class ReplayModule(ContinualModule):
@@ -31,14 +32,18 @@ class ReplayModule(ContinualModule):
         replay_batch_size: samples drawn from the buffer per step (default: the new batch's size).
         buffer_policy: ``reservoir`` (uniform over the stream) or ``class_balanced``.
         buffer_seed: seed of the buffer's own generator (saved in checkpoints).
+        view_batch: switch on the view-batch model (views, SSL term, buffer view-batches; see
+            :mod:`clframe.strategies.replay.view_batch`), with the data module's ``views_per_sample``.
     """
 
     def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None,
-                 buffer_policy: BufferPolicy = "reservoir", buffer_seed: int = 0, **kwargs: Any) -> None:
+                 buffer_policy: BufferPolicy = "reservoir", buffer_seed: int = 0,
+                 view_batch: ViewBatchConfig | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if replay_batch_size is not None and replay_batch_size <= 0:
             raise ConfigError(f"replay_batch_size must be positive, got {replay_batch_size}")
         self.buffer = ReplayBuffer(buffer_size, buffer_policy, seed=buffer_seed)
+        self.view_batch = ViewBatch(view_batch) if view_batch is not None else None
 
     def _shard(self) -> tuple[int, int]:
         """``(global rank, world size)``; ``(0, 1)`` outside a trainer."""
@@ -59,7 +64,9 @@ class ReplayModule(ContinualModule):
         if len(self.buffer) == 0:
             return None
         rank, world = self._shard()
-        n = self.hparams.replay_batch_size or batch_size
+        n, vb = self.hparams.replay_batch_size or batch_size, self.view_batch
+        if vb is not None:  # view-batch: n / R distinct samples, each as R views in a row
+            return vb.replay_views(self, self.buffer.sample(vb.replay_size(self, n), rank=rank, world_size=world))
         return self.buffer.sample(n, rank=rank, world_size=world)
 
     def buffer_extras(self, batch: Batch) -> dict[str, Tensor]:
@@ -78,11 +85,28 @@ class ReplayModule(ContinualModule):
         return {k: v.transpose(0, 1).flatten(0, 1) for k, v in gathered.items()}
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        vb = self.view_batch
+        if vb is not None:  # view-batch model: see clframe.strategies.replay.view_batch
+            return self._view_batch_step(vb, batch, batch_idx)
         loss = super().training_step(batch, batch_idx)
         # Inserted here, not in on_train_batch_end: checkpoint callbacks save before the module's
         # batch-end hook, and a resumed run must find this batch in the buffer.
         x, y, t = batch
         self.buffer.add(**self.gather_ranks({"x": x, "y": y, "t": t, **self.buffer_extras(batch)}))
+        return loss
+
+    def _view_batch_step(self, vb: ViewBatch, batch: Batch, batch_idx: int) -> Tensor:
+        """Train on the augmented views, add the view-batch SSL term, store only the anchors (un-augmented)."""
+        views = vb.views_of(self, batch)
+        with vb.capture(self.head) as outputs:
+            loss = super().training_step(views, batch_idx)
+        ssl = vb.ssl_term(self, outputs)
+        if ssl is not None:
+            loss = loss + ssl
+            self.log("train/view_ssl", vb.last_ssl, on_step=True, on_epoch=False)
+        x, y, t = batch
+        values = vb.anchors(self, {"x": x, "y": y, "t": t, **self.buffer_extras(views)})
+        self.buffer.add(**self.gather_ranks(values))
         return loss
 
 
