@@ -18,7 +18,32 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 
-class PerTaskBatchSampler(Sampler[list[int]]):
+class EpochResumable:
+    """The epoch and mid-epoch resume protocol every training sampler shares (see ``ResumableDataLoader``).
+
+    Subclasses start with ``epoch = start = 0`` and define ``__len__``; their ``__iter__`` skips ``start``
+    items once and resets it.
+    """
+
+    epoch: int
+    start: int
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # a resume position belongs to its own epoch only
+            self.start = 0
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, position: int) -> None:
+        self.epoch, self.start = epoch, (position if position < len(self) else 0)
+
+
+def check_shard(rank: int, world_size: int) -> None:
+    """Refuse a rank outside ``[0, world_size)``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+
+
+class PerTaskBatchSampler(EpochResumable, Sampler[list[int]]):
     """Batches with ``batch_size`` samples from *each* task of a concatenated dataset.
 
     Incremental joint training in the stability-gap literature uses "batch 128 x number of tasks
@@ -34,21 +59,13 @@ class PerTaskBatchSampler(Sampler[list[int]]):
                  world_size: int = 1) -> None:
         if batch_size < 1 or not sizes or min(sizes) < 1:
             raise ValueError("PerTaskBatchSampler needs a positive batch size and non-empty tasks")
-        _check_shard(rank, world_size)
+        check_shard(rank, world_size)
         self.sizes = list(sizes)
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.offsets = torch.tensor([0, *self.sizes]).cumsum(0)[:-1].tolist()
         self.seed, self.epoch, self.start = seed, 0, 0
         self.sampler = self  # Lightning calls ``batch_sampler.sampler.set_epoch`` at every epoch start
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:  # a resume position belongs to its own epoch only
-            self.start = 0
-        self.epoch = epoch
-
-    def resume_at(self, epoch: int, batches: int) -> None:
-        self.epoch, self.start = epoch, (batches if batches < len(self) else 0)
 
     def __len__(self) -> int:
         return -(-max(self.sizes) // (self.batch_size * self.world_size))
@@ -68,17 +85,12 @@ class PerTaskBatchSampler(Sampler[list[int]]):
             yield torch.cat([s[lo:(b + 1) * step:self.world_size] for s in streams]).tolist()
 
 
-def _check_shard(rank: int, world_size: int) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     """The shuffling seed of one epoch: a pure function of the run's data seed and the global epoch."""
     return (int(seed) * 1_000_003 + int(epoch)) % (2**63 - 1)
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(EpochResumable, Sampler[int]):
     """A random order per epoch that depends only on ``(seed, epoch)``, never on the global RNG.
 
     Lightning calls ``set_epoch`` at every epoch start; ``resume_at`` skips the samples already
@@ -91,17 +103,9 @@ class EpochShuffleSampler(Sampler[int]):
     """
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        _check_shard(rank, world_size)
+        check_shard(rank, world_size)
         self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
         self.rank, self.world_size = rank, world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:  # a resume position belongs to its own epoch only
-            self.start = 0
-        self.epoch = epoch
-
-    def resume_at(self, epoch: int, position: int) -> None:
-        self.epoch, self.start = epoch, (position if position < len(self) else 0)
 
     def __len__(self) -> int:
         return self.size // self.world_size
@@ -127,7 +131,7 @@ class ShardSampler(Sampler[int]):
     """
 
     def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
-        _check_shard(rank, world_size)
+        check_shard(rank, world_size)
         self.size, self.rank, self.world_size = size, rank, world_size
 
     def __len__(self) -> int:

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from clframe.data.datamodule import ResumableDataLoader
-from clframe.data.samplers import epoch_seed
+from clframe.data.samplers import EpochResumable, check_shard, epoch_seed
 
 
 def task_epoch_offset(trainer: Any) -> int:
@@ -52,7 +52,7 @@ def task_epoch_offset(trainer: Any) -> int:
     return max(0, int(max_epochs) - int(per_task))
 
 
-class ViewBatchSampler(Sampler[list[int]]):
+class ViewBatchSampler(EpochResumable, Sampler[list[int]]):
     """Batches of ``batch_size`` indices: ``batch_size / views`` distinct samples, each repeated ``views`` times.
 
     Args:
@@ -70,8 +70,7 @@ class ViewBatchSampler(Sampler[list[int]]):
                  rank: int = 0, world_size: int = 1) -> None:
         if views < 1 or batch_size < 1 or batch_size % views:
             raise ValueError(f"batch_size ({batch_size}) must be a positive multiple of views_per_sample ({views})")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        check_shard(rank, world_size)
         if size // world_size < 1:
             raise ValueError(f"a task of {size} samples cannot be shared by {world_size} processes")
         self.size, self.batch_size, self.views = int(size), int(batch_size), int(views)
@@ -81,11 +80,6 @@ class ViewBatchSampler(Sampler[list[int]]):
         self.sampler = self  # Lightning calls ``batch_sampler.sampler.set_epoch`` at every epoch start
 
     # ------------------------------------------------------------------ epochs and resuming
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:  # a resume position belongs to its own epoch only
-            self.start = 0
-        self.epoch = epoch
-
     def resume_at(self, epoch: int, batches: int) -> None:
         self.epoch, self.start = epoch, batches
 
