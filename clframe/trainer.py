@@ -13,6 +13,7 @@ later per-task fits reuse the same processes. The data module shards every loade
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -23,15 +24,18 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from clframe.callbacks.base import ContinualCallback
+from clframe.callbacks.progress import default_task_progress_bar
 from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
 from clframe.metrics.matrix import summarize_matrix
+from clframe.metrics.summary import format_results
 from clframe.strategies.base import ContinualModule
 
 
@@ -62,6 +66,18 @@ def _global_seed() -> int | None:
 
 # Streams without validation data serve an empty list of val loaders; that is intended.
 warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
+
+
+class _TaskBudgetFilter(logging.Filter):
+    """Drops Lightning's "`Trainer.fit` stopped: `max_epochs=8` reached": in a stream every task ends on
+    its cumulative budget, so the line repeats each task with a number that reads like a bug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("`Trainer.fit` stopped: `max_epochs=", "`Trainer.fit` stopped: `max_steps="))
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_TaskBudgetFilter())
 
 
 class StreamProgress(L.Callback):
@@ -143,7 +159,10 @@ class ContinualTrainer(L.Trainer):
             kwargs["logger"] = CSVLogger(kwargs.get("default_root_dir") or os.getcwd(), name="lightning_logs")
         self.progress = StreamProgress()
         callbacks = kwargs.get("callbacks") or []
-        kwargs["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.progress]
+        callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.progress]
+        if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(default_task_progress_bar())  # Lightning's bar, showing "Task k/N · epoch e/E"
+        kwargs["callbacks"] = callbacks
         super().__init__(*args, max_epochs=epochs_per_task, use_distributed_sampler=False, **kwargs)
         if isinstance(self.strategy.launcher, _MultiProcessingLauncher):
             raise ConfigError(
@@ -162,6 +181,10 @@ class ContinualTrainer(L.Trainer):
     def fit(self, model: L.LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
             datamodule: L.LightningDataModule | None = None, ckpt_path: str | Path | None = None,
             **kwargs: Any) -> None:
+        """Train on every task of the stream in turn, testing all seen tasks after each one.
+
+        ``ckpt_path`` resumes a killed run at the task, epoch and batch it had reached.
+        """
         if not isinstance(model, ContinualModule):
             raise TypeError(f"ContinualTrainer.fit needs a clframe strategy (ContinualModule), got {type(model).__name__}")
         if not isinstance(datamodule, ContinualDataModule) or train_dataloaders is not None:
@@ -305,17 +328,5 @@ class ContinualTrainer(L.Trainer):
 
     @rank_zero_only
     def _print_results(self) -> None:
-        rows, m = self.continual_results["accuracy_matrix"], self.continual_results["metrics"]
-        lines = []
-        if rows:
-            lines += ["", "Accuracy matrix R[i][j] (%): accuracy on task j after training task i",
-                      "after task | " + " ".join(f"T{j:<5}" for j in range(len(rows[0])))]
-            for i, row in enumerate(rows):
-                lines.append(f"{i:>10} | " + " ".join("  -   " if a != a else f"{100 * a:5.1f} " for a in row))
-            lines.append(f"Final average accuracy: {100 * m['final/avg_acc']:.2f}%  | forgetting "
-                         f"{100 * m['final/avg_forgetting']:.2f}  | BWT {100 * m['final/bwt']:.2f}")
-        shown = ("final/avg_acc", "final/avg_forgetting", "final/bwt")
-        others = [(k, v) for k, v in m.items() if k not in shown and "_task" not in k]
-        for i in range(0, len(others), 4):
-            lines.append("  " + "  | ".join(f"{k} {100 * v:.2f}" for k, v in others[i:i + 4]))
-        print("\n".join(lines), flush=True)
+        strategy = type(self.lightning_module).__name__ if self.lightning_module is not None else None
+        print(format_results(self.continual_results, strategy), flush=True)

@@ -1,0 +1,104 @@
+"""What clframe offers, by name: strategies, data sources, scenarios and the repo's example configs.
+
+Read by ``clframe --help`` and by the CLI's error messages, so that both list what really exists
+instead of a hand-kept copy that goes stale.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import textwrap
+from pathlib import Path
+
+from clframe.strategies.base import ContinualModule
+
+# Packages whose strategies are listed; importing them registers their ContinualModule subclasses.
+STRATEGY_PACKAGES = ("clframe.strategies", "clframe.strategies.interval", "clframe.strategies.prompt",
+                     "clframe.strategies.intact")
+
+SCENARIOS = {
+    "class": "class-incremental: new classes per task, one head, no task id at test time",
+    "task": "task-incremental: new classes per task, the task id is given",
+    "domain": "domain-incremental: same classes, new input distribution (data.domain: permutation, "
+              "rotation, datasets)",
+}
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3].rsplit(" ", 1)[0] + " ..."
+
+
+def _first_line(obj: object) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def strategies() -> dict[str, type[ContinualModule]]:
+    """The strategies the strategy packages export (``__all__``), by class name, in name order."""
+    found: dict[str, type[ContinualModule]] = {}
+    for package in STRATEGY_PACKAGES:
+        try:
+            module = importlib.import_module(package)
+        except ModuleNotFoundError as err:  # a family not present in this install
+            if err.name is None or not package.startswith(err.name):
+                raise
+            continue
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name)
+            if inspect.isclass(obj) and issubclass(obj, ContinualModule) and not name.endswith("Module"):
+                found.setdefault(name, obj)
+    return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+
+
+def init_options(cls: type) -> list[str]:
+    """The constructor arguments a config may set for ``cls`` (following ``**kwargs`` up the bases)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def source_names() -> list[str]:
+    from clframe.data import sources
+
+    return list(sources.SOURCE_NAMES)
+
+
+def example_configs() -> list[str]:
+    """The repo's ``configs/<benchmark>/<strategy>.yaml`` files (present in a source checkout)."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    if not root.is_dir():
+        return []
+    return sorted(str(p.relative_to(root.parent)) for p in root.glob("*/*.yaml")
+                  if p.parent.name not in ("sweeps", "loggers"))
+
+
+def describe() -> str:
+    """The catalogue as plain text for ``clframe --help``."""
+    lines = ["strategies (--model=<name>, or model.class_path in a config):"]
+    for name, cls in strategies().items():
+        lines.append(f"  {name:<16}{_shorten(_first_line(cls), 84)}")
+    lines += ["", "data sources (--data.source=<name>; offline root: $CLFRAME_DATA or --data.data_root):",
+              "  " + ", ".join(source_names()),
+              "", "scenarios (--data.scenario=<name>):"]
+    lines += [f"  {name:<16}{text}" for name, text in SCENARIOS.items()]
+    configs = example_configs()
+    if configs:
+        benchmarks: dict[str, list[str]] = {}
+        for path in configs:
+            _, bench, file = path.split("/")
+            benchmarks.setdefault(bench, []).append(file.removesuffix(".yaml"))
+        lines += ["", "benchmarks with ready configs (clframe fit --config configs/<benchmark>/<strategy>.yaml):"]
+        for bench, names in benchmarks.items():
+            wrapped = textwrap.wrap(", ".join(names), 78)
+            lines += [f"  {bench:<22}{wrapped[0]}", *(" " * 24 + more for more in wrapped[1:])]
+    lines += ["", "Start: clframe fit (ER on Split-Digits, no download); options: clframe fit --help;",
+              "a strategy's options: clframe fit --model.help ER"]
+    return "\n".join(lines)
