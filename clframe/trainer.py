@@ -34,6 +34,7 @@ from clframe.callbacks.progress import default_task_progress_bar
 from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
+from clframe.loggers import log_stream_to_wandb
 from clframe.metrics.matrix import summarize_matrix
 from clframe.metrics.summary import format_results
 from clframe.strategies.base import ContinualModule
@@ -309,6 +310,7 @@ class ContinualTrainer(L.Trainer):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
             logger.save()
+        log_stream_to_wandb(self)  # summary, accuracy-matrix table, CLI config; a no-op without a WandbLogger
         self._write_results(Path(self.log_dir or self.default_root_dir))  # log_dir is a collective: every rank asks
         self._print_results()
 
