@@ -30,7 +30,9 @@ BENCHMARKS = ("split_mnist", "split_fashion_mnist", "split_cifar10")
 VARIANTS = ("er_vb_baseline", "er_vb", "er_vb_ssl")
 LABELS = {"er_vb_baseline": "ER (R = 1)", "er_vb": "ER + VB replay (R = 4, noise)",
           "er_vb_ssl": "ER + VB replay + VB SSL (R = 4, noise, alpha 1)",
-          "er_vb_ssl_affine": "ER + VB replay + SSL + strong aug (affine)"}
+          "er_vb_ssl_affine": "ER + VB replay + SSL + strong aug (affine)",
+          "icarl_vb_baseline": "iCaRL (R = 1)", "icarl_vb": "iCaRL + VB replay (R = 4, noise)",
+          "icarl_vb_ssl": "iCaRL + VB replay + VB SSL (R = 4, noise, alpha 1)"}
 CIFAR_LABELS = {"er_vb_baseline": "ER (R = 1, crop/flip)", "er_vb": "ER + VB replay (R = 4, crop/flip views)",
                 "er_vb_ssl": "ER + VB replay + VB SSL (R = 4, crop/flip views, alpha 1)"}
 

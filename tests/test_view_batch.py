@@ -231,3 +231,40 @@ def test_switched_on_from_the_command_line(tmp_path):
     assert len(cli.trainer.accuracy_matrix) == 2 and cli.trainer.accuracy_matrix[-1][0] > 0.5
     logged = next(tmp_path.rglob("metrics.csv")).read_text()
     assert "train/view_ssl" in logged
+
+
+def test_icarl_merges_each_exemplar_once_per_group_as_r_views(tmp_path):
+    """iCaRL (the reference code's base): over every R-epoch group of a task, each exemplar joins exactly
+    one batch, as R consecutive views of one image; the SSL term runs; the step count stays the baseline's."""
+    from clframe.strategies import ICaRL
+
+    L.seed_everything(0)
+    views = 2
+    data = ContinualDataModule(source="digits", n_tasks=2, batch_size=16, views_per_sample=views,
+                               train_samples_per_class=30)
+    model = ICaRL(backbone="mlp", backbone_kwargs={"hidden_sizes": [32]}, buffer_size=40, lr=0.05,
+                  view_batch=ViewBatchConfig(noise=0.2, ssl=True))
+    taken: list[tuple[int, int, list[int]]] = []  # (task epoch, batch, slots)
+    original_take = model.memory.take
+
+    def spy(slots):
+        epoch = model.trainer.current_epoch - task_epoch_offset(model.trainer)
+        taken.append((epoch, model._batch_idx, slots.tolist()))
+        return original_take(slots)
+
+    model.memory.take = spy
+    trainer = ContinualTrainer(epochs_per_task=4, default_root_dir=tmp_path, logger=False, **QUIET_TRAINER)
+    original_views = model.view_batch.replay_views
+    rows = []
+    model.view_batch.replay_views = lambda module, drawn: rows.append(r := original_views(module, drawn)) or r
+    trainer.fit(model, datamodule=data)
+    stored = len(model.memory)  # 40 exemplars after task 0 (the memory is refilled only at the task end)
+    training = [t for t in taken if t[2]]
+    for group in (0, 1):
+        slots = [s for epoch, _, ss in training if epoch // views == group for s in ss]
+        assert sorted(slots) == list(range(stored)), f"group {group}: every exemplar exactly once"
+    for replay in rows:  # R views of one image in a row: one label per group
+        y = replay["y"].view(-1, views)
+        assert (y == y[:, :1]).all()
+    assert trainer.global_step == sum(4 * math.ceil(len(t.train) / 16) for t in data.stream)
+    assert model.view_batch.last_ssl is not None and len(trainer.accuracy_matrix) == 2

@@ -15,6 +15,11 @@ Three parts, as in the paper and in Mammoth's ``icarl``:
 * **Classification.** Nearest mean of exemplars (NME): class means of the L2-normalised exemplar
   features, computed with the network of the end of the task; a sample goes to the class whose
   (normalised) mean is closest to its normalised feature.
+* **View-batch model** (``view_batch=...`` with the data module's ``views_per_sample=R``; the base
+  of the view-batch paper's reference code): the task data come as R views per sample, each sample
+  back every R epochs; the merged exemplars follow the same schedule (each exemplar in one batch of
+  every R-epoch group, as R views), and the optional SSL term pulls each view's softmax over the
+  seen classes towards its anchor's (:mod:`clframe.strategies.replay.view_batch`).
 
 NME needs means computed with the *current* network. They exist from the end of a task until the
 next training step, which covers the end-of-task evaluation (the accuracy matrix). While a task is
@@ -37,9 +42,11 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from clframe.data.stream import Batch, Task, TaskStream, passthrough_collate
+from clframe.data.view_batch import task_epoch_offset
 from clframe.errors import ConfigError
 from clframe.strategies.base import ContinualModule
 from clframe.strategies.replay.buffer import ReplayBuffer
+from clframe.strategies.replay.view_batch import ViewBatch, ViewBatchConfig
 
 
 def herding(features: Tensor, m: int) -> Tensor:
@@ -115,13 +122,16 @@ class ICaRL(ContinualModule):
             uses raw features (Mammoth's variant).
         buffer_seed: seed of the exemplar schedule and of the memory's generator.
         feature_batch_size: batch size of the feature passes at the end of a task.
+        view_batch: switch on the view-batch model (see the module docstring), with the data module's
+            ``views_per_sample``.
         All other arguments: :class:`ContinualModule`.
     """
 
     def __init__(self, buffer_size: int = 2000, replay_batch_size: int | None = None,
                  normalize_features: bool = True, buffer_seed: int = 0, feature_batch_size: int = 1000,
-                 **kwargs: Any) -> None:
+                 view_batch: ViewBatchConfig | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.view_batch = ViewBatch(view_batch) if view_batch is not None else None
         if replay_batch_size is not None and replay_batch_size <= 0:
             raise ConfigError(f"replay_batch_size must be positive, got {replay_batch_size}")
         if feature_batch_size <= 0:
@@ -183,27 +193,46 @@ class ICaRL(ContinualModule):
         super().on_task_start(task)
         self._task_index = task.id
 
+    def _exemplar_views(self) -> int:
+        """R when the exemplars are view-batched (each drawn exemplar as R views), else 1."""
+        vb = self.view_batch
+        return vb.views(self) if vb is not None and vb.config.buffer_views else 1
+
     def _exemplars_for_batch(self) -> dict[str, Tensor] | None:
-        """The exemplars that join this step's batch."""
+        """The exemplars that join this step's batch (as R augmented views each under the view-batch model)."""
+        r = self._exemplar_views()
         if self.hparams.replay_batch_size is not None:
-            return self.memory.sample(self.hparams.replay_batch_size) if len(self.memory) else None
+            if not len(self.memory):
+                return None
+            drawn = self.memory.sample(max(1, self.hparams.replay_batch_size // r))
+            return self.view_batch.replay_views(self, drawn) if self.view_batch is not None else drawn
         # Merged into the epoch: each exemplar in one random batch, drawn from a seed of (seed, task,
         # epoch) alone, so resuming mid-epoch needs no extra state. Kept on the host: no device sync.
+        # Under the view-batch model the schedule spans an R-epoch group (each exemplar once per group,
+        # as R views), like the task data's sampler.
         task = self._task_index if self._task_index is not None else int(self.current_task)
-        key = (task, int(self.current_epoch), int(self.trainer.num_training_batches))
+        epoch = int(self.current_epoch)
+        if r > 1:
+            epoch -= task_epoch_offset(self.trainer)
+            group, position = epoch // r, epoch % r
+        else:
+            group, position = epoch, 0
+        batches = max(1, int(self.trainer.num_training_batches))
+        key = (task, group, batches, r)
         if self._schedule is None or self._schedule[0] != key:
             seed = (self.hparams.buffer_seed * 1_000_003 + key[0]) * 1_000_003 + key[1]
             slots = self.memory.valid_slots().cpu()
-            when = torch.randint(max(1, key[2]), (len(slots),), generator=torch.Generator().manual_seed(seed))
+            when = torch.randint(batches * r, (len(slots),), generator=torch.Generator().manual_seed(seed))
             self._schedule = (key, slots, when)
         _, slots, when = self._schedule
-        idx = slots[when == self._batch_idx]
+        idx = slots[when == position * batches + self._batch_idx]
         rank, world = self.trainer.global_rank, self.trainer.world_size
         if world > 1:  # identical memories and schedules on every rank: each rank takes its own share
             idx = idx[rank::world]
         if len(idx) == 0:
             return None
-        return self.memory.take(idx.to(self.memory.data_y.device))
+        drawn = self.memory.take(idx.to(self.memory.data_y.device))
+        return self.view_batch.replay_views(self, drawn) if self.view_batch is not None else drawn
 
     def training_loss(self, batch: Batch) -> Tensor:
         x, y, t = batch
@@ -227,7 +256,16 @@ class ICaRL(ContinualModule):
             self._nme_ready = False
             self.nme_ready.fill_(False)
         self._batch_idx = batch_idx
-        return super().training_step(batch, batch_idx)
+        vb = self.view_batch
+        if vb is None:
+            return super().training_step(batch, batch_idx)
+        with vb.capture(self.head) as outputs:  # the task views and the exemplar views, whole R-row groups
+            loss = super().training_step(vb.views_of(self, batch), batch_idx)
+        ssl = vb.ssl_term(self, outputs)
+        if ssl is not None:
+            loss = loss + ssl
+            self.log("train/view_ssl", vb.last_ssl, on_step=True, on_epoch=False)
+        return loss
 
     # ------------------------------------------------------------------ task end
     @staticmethod
@@ -290,6 +328,7 @@ class ICaRL(ContinualModule):
             self._snapshot_teacher()  # the previous network of the next task's distillation
         finally:
             self.train(was_training)
+        super().on_task_end(task)
 
     # ------------------------------------------------------------------ checkpoints
     def materialize_state(self, state_dict: Mapping[str, Any]) -> None:
