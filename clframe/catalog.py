@@ -14,8 +14,7 @@ from pathlib import Path
 from clframe.strategies.base import ContinualModule
 
 # Packages whose strategies are listed; importing them registers their ContinualModule subclasses.
-STRATEGY_PACKAGES = ("clframe.strategies", "clframe.strategies.interval", "clframe.strategies.prompt",
-                     "clframe.strategies.intact")
+STRATEGY_PACKAGES = ("clframe.strategies", "clframe.strategies.interval", "clframe.strategies.prompt")
 
 SCENARIOS = {
     "class": "class-incremental: new classes per task, one head, no task id at test time",
