@@ -17,6 +17,11 @@ STRATEGIES = {
     "ER": ["--model=ER", "--model.buffer_size=60"],
     "EWC": ["--model=EWC", "--model.ewc_lambda=50"],
     "LwF": ["--model=LwF"],  # per-task state: the teacher snapshot taken at every task start
+    # view-batch: the R-epoch sampler position, augmentation draws and the SSL term must all resume
+    "ER-viewbatch": ["--model=ER", "--model.buffer_size=60", "--data.views_per_sample=2",
+                     "--model.view_batch.noise=0.2", "--model.view_batch.ssl=true"],
+    "iCaRL-viewbatch": ["--model=ICaRL", "--model.buffer_size=60", "--data.views_per_sample=2",
+                        "--model.view_batch.noise=0.2", "--model.view_batch.ssl=true"],
 }
 
 
@@ -46,7 +51,10 @@ def _state(ckpt: Path) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+SLOW = {"ER-viewbatch", "iCaRL-viewbatch"}  # three processes each; run with -m slow (CI runs both suites)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(STRATEGIES)])
 def test_killed_run_resumes_exactly(tmp_path, name):
     extra = STRATEGIES[name]
     full = _fit(tmp_path / "full", tmp_path / "full_ckpt", extra)
