@@ -256,3 +256,54 @@ def test_two_process_ddp_run_matches_one_process_with_twice_the_batch(tmp_path):
     assert torch.allclose(matrix, reference, atol=0.03, equal_nan=True), (matrix, reference)
     for key, value in single.trainer.continual_results["metrics"].items():
         assert ddp["metrics"][key] == pytest.approx(value, abs=0.03), key
+
+
+class ViewGroupProbe(L.Callback):
+    """Per rank: whether every training batch arrives as whole groups of R identical copies (the views of
+    one sample stay on one rank, so the SSL term sees them together), and the buffer's hash per task."""
+
+    def __init__(self, out_dir: str, views: int) -> None:
+        self.out_dir, self.views = Path(out_dir), views
+        self.record: dict[str, Any] = {"grouped": True, "batches": 0, "buffer": [], "ssl": []}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        x = batch[0].reshape(-1, self.views, *batch[0].shape[1:])
+        self.record["grouped"] &= bool((x == x[:, :1]).all())
+        self.record["batches"] += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.view_batch.last_ssl is not None:
+            self.record["ssl"].append(float(pl_module.view_batch.last_ssl))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        digest = hashlib.sha256()
+        for name in pl_module.buffer.fields:
+            digest.update(pl_module.buffer._storage(name).cpu().numpy().tobytes())
+        self.record["buffer"].append(digest.hexdigest())
+        self.record["rank"] = trainer.global_rank
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
+
+
+@pytest.mark.slow
+def test_view_batch_under_two_process_ddp(tmp_path):
+    """The view-batch model under DDP: each rank's batches are whole view groups (the slice is cut from
+    the global index list, card pitfall 6), the SSL term is computed on every rank, and both ranks keep the
+    same buffer (anchors of the gathered global batch)."""
+    root, probe = tmp_path / "ddp", tmp_path / "probe"
+    env = {k: v for k, v in os.environ.items() if k in ("HOME", "PATH", "PYTHONPATH", "VIRTUAL_ENV")}
+    cmd = [sys.executable, "-m", "clframe.cli", "fit", f"--trainer.default_root_dir={root}",
+           "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--trainer.epochs_per_task=2",
+           "--trainer.strategy=ddp", "--trainer.devices=2", "--data.n_tasks=2", "--data.batch_size=8",
+           "--data.views_per_sample=2", "--data.train_samples_per_class=40", "--model.buffer_size=100",
+           "--model.view_batch.noise=0.2", "--model.view_batch.ssl=true",
+           "--trainer.callbacks+=tests.test_ddp.ViewGroupProbe", f"--trainer.callbacks.out_dir={probe}",
+           "--trainer.callbacks.views=2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["grouped"] and r["batches"] > 0 and r["ssl"] for r in ranks)
+    assert ranks[0]["batches"] == ranks[1]["batches"]
+    assert ranks[0]["buffer"] == ranks[1]["buffer"] and len(ranks[0]["buffer"]) == 2
+    results = json.loads(next(root.rglob("results.json")).read_text())
+    assert len(results["accuracy_matrix"]) == 2
