@@ -77,6 +77,9 @@ class ContinualDataModule(L.LightningDataModule):
     each seen task in every batch); ``val/test_dataloader`` serve one loader per seen task, in task
     order, so ``dataloader_idx`` equals the task id. Batches are ``(uint8 x, label, task id)``;
     strategies scale and normalise on the device (`normalize=False`: scale to [0, 1] only).
+    Domain-incremental streams (``scenario="domain"``) pick ``domain``: ``permutation``, ``rotation``
+    (``angles``), ``datasets`` (``domain_sources``) or ``corruption`` (``corruptions`` at ``severity``
+    1-5; see :mod:`clframe.data.corruptions`).
 
     Under DDP every loader serves this process's shard (see :mod:`clframe.data.samplers`): training
     shards are disjoint and equally long, so ``batch_size`` is per process; evaluation shards cover
@@ -92,9 +95,11 @@ class ContinualDataModule(L.LightningDataModule):
         first_task_classes: int | None = None,
         class_order: list[int] | None = None,
         shuffle_classes: bool = False,
-        domain: Literal["permutation", "rotation", "datasets"] = "permutation",
+        domain: Literal["permutation", "rotation", "datasets", "corruption"] = "permutation",
         domain_sources: list[str] | None = None,
         angles: list[float] | None = None,
+        corruptions: list[str] | None = None,
+        severity: int = 3,
         data_root: str | None = None,
         download: bool = False,
         source_options: dict[str, Any] | None = None,
@@ -156,7 +161,8 @@ class ContinualDataModule(L.LightningDataModule):
             if not names:
                 raise ScenarioError("scenario='domain' with domain='datasets' needs domain_sources: a list of data set names")
             sources = [self._load(n, download=False) for n in names]
-            return domain_incremental(sources, kind=h.domain, n_tasks=h.n_tasks, angles=h.angles, **limits)
+            return domain_incremental(sources, kind=h.domain, n_tasks=h.n_tasks, angles=h.angles,
+                                      corruptions=h.corruptions, severity=h.severity, **limits)
         builder = {"class": class_incremental, "task": task_incremental}.get(h.scenario)
         if builder is None:
             raise ScenarioError(f"unknown scenario {h.scenario!r}; allowed: class, task, domain")

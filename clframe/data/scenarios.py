@@ -2,8 +2,8 @@
 
 Class- and task-incremental streams split the classes; labels are remapped to the class order,
 so task 0 always owns the lowest label ids and "classes seen so far" is a prefix. Domain-
-incremental streams keep the label space and change the inputs (permuted or rotated pixels, or
-a sequence of data sets).
+incremental streams keep the label space and change the inputs (permuted or rotated pixels,
+generated image corruptions, or a sequence of data sets).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from clframe.data.corruptions import CORRUPTIONS, DEFAULT_CORRUPTIONS, corrupt
 from clframe.data.sources import SourceData
 from clframe.data.stream import Task, TaskDataset, TaskStream
 from clframe.errors import ClframeError
@@ -197,7 +198,13 @@ class RotateImages:
         return TF.rotate(x, self.angle, interpolation=InterpolationMode.BILINEAR)
 
 
-DOMAIN_KINDS = ("permutation", "rotation", "datasets")
+DOMAIN_KINDS = ("permutation", "rotation", "datasets", "corruption")
+
+
+def _corrupted(data: TaskDataset, name: str, severity: int, seed: int) -> TaskDataset:
+    """The task's samples as a fixed, seeded corrupted copy (only the selected samples are copied)."""
+    x = corrupt(data.inputs[data.indices], name, severity, seed)
+    return TaskDataset(x, data.labels[data.indices], data.task_id)
 
 
 def domain_incremental(
@@ -211,12 +218,17 @@ def domain_incremental(
     val_fraction: float = 0.0,
     train_samples_per_class: int | None = None,
     test_samples_per_class: int | None = None,
+    corruptions: Sequence[str] | None = None,
+    severity: int = 3,
 ) -> TaskStream:
     """Tasks that share one label space and differ in their inputs.
 
     ``permutation``: each task a seeded pixel permutation (``identity_first`` keeps task 0 plain).
     ``rotation``: each task rotates by one angle, given in ``angles`` or drawn from ``angle_range``.
     ``datasets``: one task per source; the sources must share class count and input shape.
+    ``corruption``: each task one image corruption (``corruptions``, names from
+    :data:`clframe.data.corruptions.CORRUPTIONS`, ``none`` = clean) at ``severity`` 1-5, applied once
+    to the task's images with a seed of (stream seed, task): a fixed corrupted copy, CIFAR-10-C style.
     """
     if kind not in DOMAIN_KINDS:
         raise ScenarioError(f"unknown domain-incremental kind {kind!r}; allowed: {', '.join(DOMAIN_KINDS)}")
@@ -236,6 +248,19 @@ def domain_incremental(
                     "a domain sequence needs equal class counts and image sizes (set image_size/channels)."
                 )
         plan = [(s, None, s.name) for s in srcs]
+    elif kind == "corruption":
+        if len(srcs) != 1:
+            raise ScenarioError(f"kind='corruption' takes one data source, got {len(srcs)}")
+        names = list(corruptions) if corruptions is not None else list(DEFAULT_CORRUPTIONS[:n_tasks or None])
+        unknown = [c for c in names if c not in CORRUPTIONS]
+        if unknown:
+            raise ScenarioError(f"unknown corruption(s) {', '.join(unknown)}; allowed: {', '.join(CORRUPTIONS)}")
+        if n_tasks is not None and n_tasks != len(names):
+            raise ScenarioError(f"n_tasks={n_tasks} but {len(names)} corruptions were given; one task per corruption "
+                                f"(default list: {', '.join(DEFAULT_CORRUPTIONS)})")
+        if not 1 <= severity <= 5:
+            raise ScenarioError(f"corruption severity must be 1..5, got {severity}")
+        plan = [(srcs[0], name, f"{name}_{severity}" if name != "none" else "clean") for name in names]
     else:
         if len(srcs) != 1:
             raise ScenarioError(f"kind={kind!r} takes one data source, got {len(srcs)}")
@@ -264,6 +289,14 @@ def domain_incremental(
         train_idx = _limit_per_class(src.train_y, classes, train_samples_per_class, gen)
         test_idx = _limit_per_class(src.test_y, classes, test_samples_per_class, gen)
         train_idx, val_idx = _split_val(train_idx, val_fraction, gen)
+        if kind == "corruption":  # transform is the corruption's name: copy the task's images once, corrupted
+            split_seed = (seed * 1_000_003 + t) * 3
+            train = _corrupted(TaskDataset(src.train_x, src.train_y, t, train_idx), transform, severity, split_seed)
+            test = _corrupted(TaskDataset(src.test_x, src.test_y, t, test_idx), transform, severity, split_seed + 1)
+            val = None if val_idx is None else _corrupted(TaskDataset(src.train_x, src.train_y, t, val_idx), transform,
+                                                          severity, split_seed + 2)
+            tasks.append(Task(id=t, classes=classes, domain=domain, train=train, test=test, val=val))
+            continue
         tasks.append(Task(
             id=t, classes=classes, domain=domain,
             train=TaskDataset(src.train_x, src.train_y, t, train_idx, transform),
