@@ -103,7 +103,7 @@ class ReplayBuffer(nn.Module):
             self._add_reservoir(values)
         else:
             self._add_class_balanced(values)
-        self.num_seen += len(y)
+        self.num_seen.add_(len(y))  # in place: no nn.Module.__setattr__ on every step
 
     def _write(self, slots: Tensor, rows: Tensor, values: dict[str, Tensor]) -> None:
         keep = _last_occurrence(slots)
@@ -115,11 +115,14 @@ class ReplayBuffer(nn.Module):
 
     def _reservoir_slots(self, start: int, count: int, room: int) -> tuple[Tensor, Tensor]:
         """Slots (< room) chosen by algorithm R for stream positions start..start+count-1."""
-        pos = torch.arange(start, start + count, dtype=torch.float64)
-        draw = torch.floor(torch.rand(count, generator=self.generator, dtype=torch.float64) * (pos + 1)).long()
-        slots = torch.where(pos < room, pos.long(), draw)
-        accept = slots < room
-        return slots[accept], accept.nonzero().flatten()
+        # the same draw as floor(u * (pos + 1)) with pos = start..start+count-1, in fewer tensor operations
+        draw = torch.rand(count, generator=self.generator, dtype=torch.float64)
+        draw = draw.mul_(torch.arange(start + 1, start + count + 1, dtype=torch.float64)).floor_().long()
+        if start < room:  # filling up: positions below `room` take their own slot
+            pos = torch.arange(start, start + count)
+            draw = torch.where(pos < room, pos, draw)
+        rows = (draw < room).nonzero().flatten()
+        return draw[rows], rows
 
     def _add_reservoir(self, values: dict[str, Tensor]) -> None:
         slots, rows = self._reservoir_slots(int(self.num_seen), len(values["y"]), self.capacity)
@@ -182,13 +185,17 @@ class ReplayBuffer(nn.Module):
         """
         if n < 1:
             raise ConfigError(f"the number of samples to draw must be positive, got {n}")
-        slots = self.valid_slots()
-        if len(slots) == 0:
+        # reservoir slots 0..len-1 are the occupied ones, so the draw indexes the storage directly
+        slots = self.valid_slots() if self.policy != "reservoir" else None
+        size = len(self) if slots is None else len(slots)
+        if size == 0:
             raise RuntimeError("cannot sample from an empty replay buffer")
-        pick = torch.randperm(len(slots), generator=self.generator)
-        if len(pick) >= world_size:  # otherwise (fewer stored samples than ranks) every rank replays them all
+        pick = torch.randperm(size, generator=self.generator)
+        if size >= world_size:  # otherwise (fewer stored samples than ranks) every rank replays them all
             pick = pick[rank::world_size]
-        idx = slots[pick[:n].to(slots.device)]
+        idx = pick[:n].to(self.num_seen.device)
+        if slots is not None:
+            idx = slots[idx]
         return {name: self._storage(name)[idx] for name in self.fields}
 
     def all(self) -> dict[str, Tensor]:

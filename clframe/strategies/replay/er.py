@@ -103,7 +103,8 @@ class ReplayModule(ContinualModule):
         ssl = vb.ssl_term(self, outputs)
         if ssl is not None:
             loss = loss + ssl
-            self.log("train/view_ssl", vb.last_ssl, on_step=True, on_epoch=False)
+            if self.step_metrics_wanted():
+                self.log("train/view_ssl", vb.last_ssl, on_step=True, on_epoch=False)
         x, y, t = batch
         values = vb.anchors(self, {"x": x, "y": y, "t": t, **self.buffer_extras(views)})
         self.buffer.add(**self.gather_ranks(values))
