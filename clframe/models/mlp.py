@@ -7,19 +7,25 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
+
+
 class MLP(nn.Module):
     """Flatten, then Linear+ReLU layers; ``num_features`` is the width of the last hidden layer.
 
     ``init="xavier"`` reproduces Mammoth's MNIST MLP (Xavier-uniform weights, zero biases).
+    ``activation="leaky_relu"`` (slope 0.01) is the MLP of the InTAct paper.
     """
 
     def __init__(self, input_size: int, hidden_sizes: Sequence[int] = (100, 100), init: str = "xavier",
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, activation: str = "relu") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         layers: list[nn.Module] = [nn.Flatten()]
         width = input_size
         for h in hidden_sizes:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
             if dropout:
                 layers.append(nn.Dropout(dropout))
             width = h

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from clframe.data.stream import Batch, Task, TaskStream
 from clframe.errors import ConfigError, NonFiniteLossError
 from clframe.models.factory import create_backbone
+from clframe.strategies.intact import InTAct, InTActConfig
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
               "rmsprop": torch.optim.RMSprop}
@@ -41,6 +42,8 @@ class ContinualModule(L.LightningModule):
         mask_unseen_classes: in class-incremental streams, hide classes of future tasks.
         check_finite_loss: stop with a clear error when the loss becomes NaN or infinite (one
             host sync per step on a GPU; turn off for the last bit of speed).
+        intact: carry the InTAct regulariser (activation boxes per task; see
+            :mod:`clframe.strategies.intact`), with any strategy.
     """
 
     train_scope: Literal["current", "seen", "all"] = "current"
@@ -59,6 +62,7 @@ class ContinualModule(L.LightningModule):
         weight_decay: float = 0.0,
         mask_unseen_classes: bool = True,
         check_finite_loss: bool = True,
+        intact: InTActConfig | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -70,6 +74,7 @@ class ContinualModule(L.LightningModule):
         object.__setattr__(self, "_backbone_spec", backbone)
         self.backbone: nn.Module | None = None
         self.head: nn.Linear | None = None
+        self.intact: InTAct | None = None
         self.num_tasks: int | None = None
         self.register_buffer("current_task", torch.tensor(0))
         self._eval_counts: Tensor | None = None
@@ -89,6 +94,10 @@ class ContinualModule(L.LightningModule):
     def _build(self, num_classes: int, input_shape: tuple[int, ...], scenario: str) -> None:
         self.backbone, self.head = self.build_network(num_classes, input_shape)
         self.scenario = scenario
+        if self.hparams.get("intact") is not None:
+            config = self.hparams.intact
+            self.intact = InTAct(InTActConfig(**config) if isinstance(config, Mapping) else config)
+            self.intact.attach(self)
         channels = input_shape[0] if len(input_shape) == 3 else 1
         self.register_buffer("input_mean", torch.zeros(channels, 1, 1))
         self.register_buffer("input_std", torch.ones(channels, 1, 1))
@@ -153,9 +162,16 @@ class ContinualModule(L.LightningModule):
     def on_task_start(self, task: Task) -> None:
         """Called before training on ``task`` (and again when a run resumes inside it)."""
         self.current_task.fill_(task.id)
+        if self.intact is not None:
+            self.intact.on_task_start(self, task)
 
     def on_task_end(self, task: Task) -> None:
-        """Called once after training on ``task``, with the model on its training device."""
+        """Called once after training on ``task``, with the model on its training device.
+
+        Subclasses call ``super().on_task_end(task)``: attached regularisers (InTAct) record here.
+        """
+        if self.intact is not None:
+            self.intact.on_task_end(self, task)
 
     def should_train(self, task: Task) -> bool:
         """Whether ``task`` gets training epochs (Joint with ``final_only`` waits for the last task)."""
@@ -168,7 +184,11 @@ class ContinualModule(L.LightningModule):
         return F.cross_entropy(self(x, t), y)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        if self.intact is not None:
+            self.intact.begin_step()  # observe this step's training forwards only
         loss = self.training_loss(batch)
+        if self.intact is not None:
+            loss = loss + self.intact.penalty(self)
         if self.hparams.check_finite_loss and not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"the training loss became {loss.item()} at global step {self.global_step} (task "
@@ -200,7 +220,6 @@ class ContinualModule(L.LightningModule):
             return bool(trainer._logger_connector.should_update_logs)
         except AttributeError:  # a Lightning without this (private) property: log every step, as before
             return True
-
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

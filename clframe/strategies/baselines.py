@@ -118,6 +118,7 @@ class EWC(ContinualModule):
         else:
             self.ewc_fisher = torch.cat([self.ewc_fisher, fisher.unsqueeze(0)])
             self.ewc_anchor = torch.cat([self.ewc_anchor, anchor.unsqueeze(0)])
+        super().on_task_end(task)
 
 
 class LwF(ContinualModule):

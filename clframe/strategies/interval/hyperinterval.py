@@ -395,6 +395,7 @@ class HyperInterval(ContinualModule):
         if self.hparams.nested:
             self.compute_universal()
         self._weight_cache.clear()
+        super().on_task_end(task)
 
     # ------------------------------------------------------------------ evaluation extras
     def extra_metric_names(self) -> list[str]:

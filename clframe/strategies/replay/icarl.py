@@ -264,7 +264,8 @@ class ICaRL(ContinualModule):
         ssl = vb.ssl_term(self, outputs)
         if ssl is not None:
             loss = loss + ssl
-            self.log("train/view_ssl", vb.last_ssl, on_step=True, on_epoch=False)
+            if self.step_metrics_wanted():
+                self.log("train/view_ssl", vb.last_ssl, on_step=True, on_epoch=False)
         return loss
 
     # ------------------------------------------------------------------ task end
