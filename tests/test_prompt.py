@@ -19,7 +19,7 @@ from clframe import ContinualDataModule, ContinualTrainer
 from clframe.callbacks import ContinualCallback
 from clframe.cli import ContinualCLI, run_cli
 from clframe.errors import ConfigError
-from clframe.strategies import L2P, OVOR, CODAPrompt, DualPrompt, OnePrompt
+from clframe.strategies import L2P, OVOR, CODAPrompt, DualPrompt, LinearProbe, NearestClassMean, OnePrompt
 from clframe.strategies.prompt import PromptViT, VORConfig
 from clframe.strategies.prompt.ovor import (
     energy,
@@ -41,6 +41,8 @@ SMALL = {
     OnePrompt: {"g_layers": [0], "e_layers": [1, 2], "g_length": 4, "e_length": 8},
     OVOR: {"g_layers": [0], "e_layers": [1, 2], "g_length": 4, "e_length": 8,
            "vor": {"epochs": 1, "k": 5, "select": 10, "sample_from": 20, "num_per_class": 10}},
+    LinearProbe: {},
+    NearestClassMean: {},
 }
 
 
@@ -431,3 +433,73 @@ def test_a_trained_model_reloads_from_its_state_dict(runs):
         model.eval(), fresh.eval()
         with torch.no_grad():
             assert torch.equal(model(x, t), fresh(x, t))
+
+
+# ---------------------------------------------------------------------------------------------- frozen-feature baselines
+
+
+def test_linear_probe_trains_only_the_head_on_frozen_features_with_old_classes_masked():
+    model, stream = bound(LinearProbe, task=1)
+    report = model.parameter_report()
+    assert report == {**report, "prompt": 0, "head": 32 * 10 + 10, "trainable": 32 * 10 + 10}
+    assert model.forward_passes_per_image == 1
+    x, y, t = batch_of(stream, 1)
+    with torch.no_grad():
+        assert torch.equal(model.features(x), model.backbone(model.preprocess(x)))  # the prompt-free [CLS]
+    loss = model.training_loss((x, y, t))
+    loss.backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    old = model.class_task == 0
+    assert model.head.weight.grad[old].abs().sum() == 0 and model.head.weight.grad[~old].abs().sum() > 0
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_nearest_class_mean_needs_no_steps_and_predicts_the_nearest_mean(tmp_path, metric):
+    L.seed_everything(0)
+    model = make(NearestClassMean, metric=metric)
+    trainer = ContinualTrainer(epochs_per_task=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                               enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=tmp_path)
+    dm = digits()
+    trainer.fit(model, datamodule=dm)
+    assert len(trainer.accuracy_matrix) == 2
+    assert model.parameter_report()["trainable"] == 0 and not any(p.requires_grad for p in model.parameters())
+    assert model.forward_passes_per_image == 1
+    stream = dm.stream
+    model.eval()
+    with torch.no_grad():
+        for task in stream.tasks:  # the means are those of the frozen training features
+            x, y, t = task.train.__getitems__(list(range(len(task.train))))
+            feats = model.backbone(model.preprocess(x))
+            feats = F.normalize(feats, dim=1) if metric == "cosine" else feats
+            for c in task.classes:
+                assert torch.allclose(model.class_means[c], feats[y == c].mean(0), atol=1e-5)
+        x, y, t = batch_of(stream, 0)
+        feats = model.backbone(model.preprocess(x))
+        means = model.class_means
+        if metric == "cosine":
+            expected = (F.normalize(feats, dim=1) @ F.normalize(means, dim=1).T).argmax(1)
+        else:
+            expected = torch.cdist(feats, means).argmin(1)
+        assert torch.equal(model(x, t).argmax(1), expected)
+    accuracy = trainer.accuracy_matrix[1]
+    assert all(0 <= a <= 1 for a in accuracy)
+
+
+def test_nearest_class_mean_masks_unseen_classes_and_reloads(tmp_path):
+    model, stream = bound(NearestClassMean, task=0)
+    x, y, t = batch_of(stream, 0)
+    model.training_step((x, y, t), 0)
+    model.on_task_end(stream.tasks[0])
+    model.eval()
+    with torch.no_grad():
+        logits = model(x, t)
+    unseen = model.class_task == 1
+    assert (logits[:, unseen] == torch.finfo(logits.dtype).min).all()
+    fresh = make(NearestClassMean)
+    fresh.bind_stream(stream)
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t), logits)
+    with pytest.raises(ConfigError, match="metric"):
+        make(NearestClassMean, metric="manhattan")

@@ -7,9 +7,12 @@ OnePrompt and OVOR (VOR on top of any of them with ``vor={...}``). See ``shared/
 | DualPrompt | G-prompt + one E-prompt per task (keys), prefix tuning | yes | 2 |
 | CODA-Prompt | weighted sum of components (keys, attention vectors), prefix tuning | yes | 2 |
 | OnePrompt / OVOR | one shared set of prefix prompts | no | 1 |
+| LinearProbe (baseline) | none: frozen [CLS] + trained linear head | no | 1 |
+| NearestClassMean (baseline) | none: frozen [CLS], nearest class mean, no training steps | no | 1 |
 """
 
 from clframe.strategies.prompt.base import PromptModule, PromptOutput, count_parameters
+from clframe.strategies.prompt.baselines import LinearProbe, NearestClassMean
 from clframe.strategies.prompt.coda_prompt import CODAPrompt
 from clframe.strategies.prompt.dualprompt import DualPrompt
 from clframe.strategies.prompt.l2p import L2P
@@ -17,5 +20,5 @@ from clframe.strategies.prompt.oneprompt import OVOR, OnePrompt
 from clframe.strategies.prompt.ovor import VORConfig
 from clframe.strategies.prompt.vit import PrefixAttention, PromptViT
 
-__all__ = ["CODAPrompt", "DualPrompt", "L2P", "OVOR", "OnePrompt", "PrefixAttention", "PromptModule", "PromptOutput",
-           "PromptViT", "VORConfig", "count_parameters"]
+__all__ = ["CODAPrompt", "DualPrompt", "L2P", "LinearProbe", "NearestClassMean", "OVOR", "OnePrompt", "PrefixAttention",
+           "PromptModule", "PromptOutput", "PromptViT", "VORConfig", "count_parameters"]
