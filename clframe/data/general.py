@@ -26,7 +26,8 @@ from clframe.data.sources import load_source, resolve_data_root
 @dataclass
 class GeneralSet:
     """Fixed general samples: uint8 images with labels of the starting model's own head, or right-padded
-    token ids with their attention mask (labels are then the tokens themselves)."""
+    token ids with their attention mask (labels are then the tokens themselves, unless ``labels`` holds
+    the token ids because ``inputs`` are something else, e.g. cached hidden states of a frozen prefix)."""
 
     inputs: Tensor
     labels: Tensor | None = None

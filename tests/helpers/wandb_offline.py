@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2 as pb
 
 _HEADER = 7
@@ -69,14 +71,31 @@ def _put(target: dict[str, Any], item: Any) -> None:
     target[last] = value
 
 
-def read_offline_run(run_dir: str | Path) -> OfflineRun:
-    """Parse ``run_dir/run-*.wandb`` (``run_dir`` is an ``offline-run-*`` folder)."""
+def read_offline_run(run_dir: str | Path, timeout: float = 60.0) -> OfflineRun:
+    """Parse ``run_dir/run-*.wandb`` (``run_dir`` is an ``offline-run-*`` folder).
+
+    wandb-core is a separate process that may still be appending to the log after the training process
+    (or ``wandb.finish()``) returned, so the log is read again until it holds the run's ``exit`` record.
+    """
     run_dir = Path(run_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        run, complete = _parse(run_dir)
+        if complete or time.monotonic() > deadline:
+            return run
+        time.sleep(0.5)
+
+
+def _parse(run_dir: Path) -> tuple[OfflineRun, bool]:
     log = next(run_dir.glob("run-*.wandb"))
     run = OfflineRun(path=run_dir)
+    complete = False
     for raw in _records(log.read_bytes()):
         record = pb.Record()
-        record.ParseFromString(raw)
+        try:
+            record.ParseFromString(raw)
+        except DecodeError:  # the last record is still being written
+            break
         kind = record.WhichOneof("record_type")
         if kind == "config":
             for item in record.config.update:
@@ -89,7 +108,9 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
             for item in record.history.item:
                 _put(row, item)
             run.history.append(row)
-    return run
+        elif kind == "exit":
+            complete = True
+    return run, complete
 
 
 def offline_runs(root: str | Path) -> list[OfflineRun]:

@@ -15,6 +15,7 @@ and are computed once (``anchor="base"``); TM only needs each anchor element's b
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -98,6 +99,12 @@ class GeRe(ContinualModule):
             if isinstance(value, GeneralSet):  # keep tensors out of the logged hyperparameters
                 self.hparams[key] = self._hparams_initial[key] = f"<GeneralSet {value.name}, n={len(value)}>"
         self.hparams.loss_weight = loss_weight
+        if loss_weight == "dy" and set(self.replay_losses) - {"ce"} and self.hparams.get("optimizer") == "sgd":
+            # the term is ~0 right after step 0, so w = L_ce / term is huge and the term's gradient scales like
+            # L_ce / (summed deviation): SGD takes that step as is and diverges (Adam-type optimisers normalise it)
+            warnings.warn("loss_weight='dy' with SGD: the replay term's gradient explodes right after step 0 "
+                          "(measured in benchmarks/results/gere.md); use adam/adamw (as the reference) or a fixed weight",
+                          stacklevel=2)
         self._general_spec, self._general_eval_spec = general, general_eval
         self.general_set: GeneralSet | None = None
         self.general_eval_set: GeneralSet | None = None
@@ -155,10 +162,12 @@ class GeRe(ContinualModule):
         return feats, (head if head is not None else self._general_head())(feats)
 
     def general_ce(self, logits: Tensor, x: Tensor, y: Tensor | None, mask: Tensor | None) -> Tensor:
-        """Per-sample label-fitting loss: class CE for images; token-mean next-token CE for text."""
+        """Per-sample label-fitting loss: class CE for images; token-mean next-token CE for text (targets:
+        the input ids, or ``y`` when the set carries them, e.g. when its inputs are cached hidden states)."""
         if mask is None:
             return F.cross_entropy(logits, y, reduction="none")
-        tok = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), x[:, 1:], reduction="none")
+        ids = x if y is None else y
+        tok = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
         valid = mask[:, 1:].to(tok.dtype)
         return (tok * valid).sum(1) / valid.sum(1).clamp(min=1)
 
@@ -249,7 +258,8 @@ class GeRe(ContinualModule):
             raise ConfigError("evaluate_general needs general_eval")
         if g.mask is not None:
             def tokens(h, logits, x, y, m):
-                ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), x[:, 1:], reduction="none")
+                ids = x if y is None else y
+                ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
                 v = m[:, 1:].float()
                 return torch.stack([(ce * v).sum(), v.sum()])
             total = torch.stack(self._general_pass(g, tokens)).sum(0)
