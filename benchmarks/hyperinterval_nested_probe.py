@@ -10,6 +10,11 @@ CPU-sized 784-100-100-2 target, 600 iterations per task) and prints every 150 it
 
     CLFRAME_DATA=/path/to/data python benchmarks/hyperinterval_nested_probe.py --beta 0.001
 
+As the reference code runs (no embedding copy, lowest-training-loss selection, universal box eps/M) at the
+official length: ``--custom-init 0 --model-selection train_loss --steps 2000``; ``--chunk-size 0`` gives the
+reference's unchunked hypernetwork (slow on a CPU). Per-task and universal accuracies are printed after
+every task, the whole matrix at the end.
+
 Findings are in benchmarks/results/hyperinterval.md (nested bullet).
 """
 
@@ -20,9 +25,20 @@ import argparse
 import lightning as L
 import torch
 
+from clframe.callbacks.base import ContinualCallback
 from clframe.data.datamodule import ContinualDataModule
 from clframe.strategies.interval import HyperInterval
 from clframe.trainer import ContinualTrainer
+
+
+class PrintAccuracies(ContinualCallback):
+    """Print each evaluation row (per-task, universal) as soon as a task is evaluated."""
+
+    def on_task_evaluated(self, trainer, pl_module, task, accuracies) -> None:
+        extra = getattr(pl_module, "extra_accuracy", {})
+        row = [round(100 * a, 1) for a in accuracies[: task.id + 1]]
+        uni = [round(100 * a, 1) for a in extra.get("universal", [])[: task.id + 1]]
+        print(f"after task {task.id}: per-task {row} universal {uni}", flush=True)
 
 
 class EmbeddingSensitivity(L.Callback):
@@ -53,18 +69,36 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100], help="target MLP hidden sizes")
+    parser.add_argument("--hnet-hidden", type=int, nargs="+", default=[100])
+    parser.add_argument("--chunk-size", type=int, default=2000, help="0: unchunked (the reference)")
+    parser.add_argument("--custom-init", type=int, default=1, help="1: copy the previous embedding (card); "
+                        "0: the reference's effective behaviour (its custom_init is a no-op)")
+    parser.add_argument("--model-selection", default="last", choices=["last", "train_loss"])
+    parser.add_argument("--universal-radius", default="eps", choices=["eps", "intersection"])
+    parser.add_argument("--every", type=int, default=150, help="print the sensitivity every N steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(args.seed, verbose=False)
     data = ContinualDataModule(source="mnist", scenario="task", n_tasks=5, batch_size=64, normalize=False)
-    model = HyperInterval(backbone="mlp", backbone_kwargs={"hidden_sizes": [100, 100]}, hnet_hidden=[100],
+    model = HyperInterval(backbone="mlp", backbone_kwargs={"hidden_sizes": args.hidden}, hnet_hidden=args.hnet_hidden,
                           embedding_dim=24, epsilon=args.epsilon, beta=args.beta, kappa_min=0.5, nested=True,
-                          custom_init=True, optimizer="adam", lr=1e-3, chunk_size=2000)
+                          custom_init=bool(args.custom_init), optimizer="adam", lr=1e-3,
+                          chunk_size=args.chunk_size or None, model_selection=args.model_selection,
+                          universal_radius=args.universal_radius)
     trainer = ContinualTrainer(steps_per_task=args.steps, logger=False, enable_checkpointing=False,
                                enable_progress_bar=False, enable_model_summary=False,
                                default_root_dir="runs/hyperinterval_nested_probe",
-                               callbacks=[EmbeddingSensitivity()])
+                               callbacks=[EmbeddingSensitivity(args.every), PrintAccuracies()])
     trainer.fit(model, datamodule=data)
+    for row in trainer.accuracy_matrix:
+        print("accuracy row", [round(100 * a, 1) for a in row])
+    extra = trainer.continual_results.get("extra_accuracy", {})
+    for name in ("universal", "worst_case"):
+        if name in extra:
+            print(f"{name} last row", [None if a is None else round(100 * a, 1) for a in extra[name][-1]])
+    metrics = trainer.continual_results["metrics"]
+    print({k: round(v, 4) for k, v in sorted(metrics.items()) if isinstance(v, float)}, flush=True)
 
 
 if __name__ == "__main__":

@@ -256,6 +256,41 @@ def test_schedule_ramps_eps_and_kappa_in_the_first_half() -> None:
     assert model.schedule(25)[1] == pytest.approx(0.75)
 
 
+def test_train_loss_selection_restores_the_lowest_loss_copy_and_the_universal_box_radius() -> None:
+    from types import SimpleNamespace
+
+    model = HyperInterval(epsilon=2.0, nested=True, model_selection="train_loss", num_classes=4,
+                          input_shape=[1, 2, 2], scenario="task", n_embeddings=2, outputs_per_task=2)
+    model._iters_per_task = 100
+
+    def after_update(i: int, loss: float) -> None:
+        model.task_step.fill_(i + 1)  # training_step has counted iteration i
+        model._last_loss = loss
+        model.on_train_batch_end(None, None, 0)
+
+    after_update(20, 0.1)  # eps(20) = 0.82 does not round to eps = 2 yet: ignored
+    assert model._best is None
+    after_update(50, 1.0)
+    kept = [p.clone() for p in model.hypernet.parameters()]
+    with torch.no_grad():
+        for p in model.hypernet.parameters():
+            p.add_(1.0)
+    after_update(55, 0.5)  # checked every 10 iterations only
+    after_update(60, 2.0)  # a higher loss
+    assert model._best is not None and model._best[0] == 1.0
+    model.on_task_end(SimpleNamespace(id=0))
+    assert all(torch.equal(a, b) for a, b in zip(kept, model.hypernet.parameters(), strict=True))
+    assert model._best is None and bool(model.learned[0])
+    # The universal embedding is evaluated as a box of radius eps/M (the reference) or the intersection's half-width.
+    with torch.no_grad():
+        centre, half = model.universal
+        full = model.generate(Interval(centre, torch.full_like(centre, 2.0 / model.hparams.embedding_dim)))
+        assert torch.equal(model.universal_weights().centre, full.centre)
+        model._weight_cache.clear()
+        model.hparams.universal_radius = "intersection"
+        assert torch.equal(model.universal_weights().centre, model.generate(Interval(centre, half)).centre)
+
+
 def test_nested_boxes_intersect_and_the_universal_embedding_works(runs) -> None:
     run = runs("nested")
     model, metrics = run.model, run.trainer.continual_results["metrics"]
