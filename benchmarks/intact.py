@@ -37,6 +37,21 @@ def run(bench: str, config: str, seed: int, out_root: Path) -> dict[str, Any]:
             "matrix": result["accuracy_matrix"], **{k: result["metrics"][k] for k in METRICS}}
 
 
+def collect(out_root: Path) -> list[dict[str, Any]]:
+    """Entries for the runs that already finished under ``out_root`` (a benchmark stopped part-way)."""
+    entries = []
+    for bench in BENCHMARKS:
+        for config in CONFIGS:
+            for seed_dir in sorted((out_root / bench / config).glob("seed*")):
+                files = list(seed_dir.rglob("results.json"))
+                if not files:
+                    continue
+                result = json.loads(files[0].read_text())
+                entries.append({"benchmark": bench, "config": config, "seed": int(seed_dir.name[4:]), "seconds": None,
+                                "matrix": result["accuracy_matrix"], **{k: result["metrics"][k] for k in METRICS}})
+    return entries
+
+
 def mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
@@ -56,8 +71,10 @@ def table(entries: list[dict[str, Any]]) -> str:
             if not rows:
                 continue
             cells = [mean_sd([r[k] for r in rows]) for k in METRICS]
+            timed = [r["seconds"] for r in rows if r["seconds"] is not None]
             lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells)
-                         + f" | {statistics.mean(r['seconds'] for r in rows):.0f} |")
+                         + f" | {statistics.mean(timed):.0f} |" if timed else f"| {name} | {len(rows)} | "
+                         + " | ".join(cells) + " | - |")
         lines += ["", f"Command per cell: `clframe fit --config configs/{bench}/<config>.yaml --seed_everything=<seed>` "
                   f"with <config> in {', '.join(CONFIGS)}.", ""]
     return "\n".join(lines)
@@ -70,10 +87,14 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_intact")
+    parser.add_argument("--collect", action="store_true", help="only gather the runs already finished under --out")
     args = parser.parse_args()
     jobs = [(b, c, s) for b in args.benchmarks for c in args.configs for s in args.seeds]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        fresh = list(pool.map(lambda job: run(*job, args.out), jobs))
+    if args.collect:
+        fresh = collect(args.out)
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            fresh = list(pool.map(lambda job: run(*job, args.out), jobs))
     raw = RESULTS / "intact.json"
     stored = json.loads(raw.read_text()) if raw.exists() else []
     done = {(e["benchmark"], e["config"], e["seed"]) for e in fresh}
