@@ -82,8 +82,10 @@ def example_configs() -> list[str]:
 def describe() -> str:
     """The catalogue as plain text for ``clframe --help``."""
     lines = ["strategies (--model=<name>, or model.class_path in a config):"]
-    for name, cls in strategies().items():
-        lines.append(f"  {name:<16}{_shorten(_first_line(cls), 84)}")
+    found = strategies()
+    width = max(16, *(len(name) + 2 for name in found))
+    for name, cls in found.items():
+        lines.append(f"  {name:<{width}}{_shorten(_first_line(cls), 100 - width)}")
     lines += ["", "data sources (--data.source=<name>; offline root: $CLFRAME_DATA or --data.data_root):",
               "  " + ", ".join(source_names()),
               "", "scenarios (--data.scenario=<name>):"]
