@@ -12,6 +12,7 @@ later per-task fits reuse the same processes. The data module shards every loade
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -57,6 +58,28 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+_PROCESS_GROUP_EXIT_HOOK = False
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _release_process_group_at_exit() -> None:
+    """Destroy a non-NCCL process group in an ``atexit`` hook (once per process).
+
+    Lightning registers this for NCCL only; a gloo group is otherwise left to interpreter shutdown,
+    where its worker threads can be torn down while still joinable, which aborts the process with
+    "terminate called without an active exception" (SIGABRT) after the last task."""
+    global _PROCESS_GROUP_EXIT_HOOK
+    if _PROCESS_GROUP_EXIT_HOOK or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_backend() != "nccl":
+        atexit.register(_destroy_process_group)
+    _PROCESS_GROUP_EXIT_HOOK = True
 
 
 def _global_seed() -> int | None:
@@ -233,6 +256,7 @@ class ContinualTrainer(L.Trainer):
             self.fit_loop._combined_loader = None  # serve the new task's data, not the cached loader
             rank_zero_info(f"clframe: task {task.id + 1}/{len(datamodule.stream)}, classes {list(task.classes)}")
             super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **fit_kwargs)
+            _release_process_group_at_exit()
             if self.interrupted:
                 return
         self.progress.end_task(self, model)
