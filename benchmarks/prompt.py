@@ -1,8 +1,8 @@
 """Prompt-based class-incremental learning at small scale: L2P, DualPrompt, CODA-Prompt, OnePrompt, OVOR and two
-frozen-feature baselines (linear probe, nearest class mean) on Split-CIFAR-10 with a frozen tiny ViT.
+frozen-feature baselines (linear probe, nearest class mean) on Split-CIFAR-10 with a frozen small ViT.
 
 A **small-scale substitute** for the papers' ViT-B/16 (ImageNet-21k) experiments: the backbone is the
-tiny ViT (32 px, patch 8, D = 64, 4 blocks) that ``benchmarks/pretrain_backbone.py`` pretrains on the
+small ViT (32 px, patch 4, D = 192, 6 blocks) that ``benchmarks/pretrain_backbone.py`` pretrains on the
 offline Tiny-ImageNet subset; the methods use the miniature sizes of ``configs/prompt/*_tiny_cifar10.yaml``.
 
 Runs each config through clframe's CLI (``run_cli(["fit", "--config", ...])``, the code path of the
@@ -14,6 +14,10 @@ energies; then measures each method's trainable parameters and inference cost (V
 image, and ms/image at batch 256 on one CPU thread) on the built model.
 
     CLFRAME_DATA=../shared/data nice -n 10 python benchmarks/prompt.py --seeds 0 1 2 --jobs 2
+
+The recorded run (benchmarks/RESULTS.md) used a GPU and larger sizes: ``--jobs 8 --train-per-class 2000
+--test-per-class 1000 --batch-size 64 --no-cost``, then ``--seeds`` (no seed: the cost measurement alone,
+on the CPU).
 
 Reductions (defaults): ``--train-per-class 300`` training images per class (of 5,000),
 ``--test-per-class 100`` (of 1,000), ``--epochs 5`` per task (the configs' value; NCM always 1: it only

@@ -410,7 +410,7 @@ def test_the_tiny_configs_parse_and_one_runs_through_the_cli(tmp_path):
         cli = ContinualCLI(args=["--config", str(REPO / "configs" / "prompt" / f"{name}_tiny_cifar10.yaml")],
                            run=False)
         assert cli.model.hparams.checkpoint_path == "runs/backbones/vit_tiny_tinyimagenet.pt"
-        assert cli.model.hparams.backbone_kwargs["embed_dim"] == 64 and cli.datamodule.hparams.source == "cifar10"
+        assert cli.model.hparams.backbone_kwargs["embed_dim"] == 192 and cli.datamodule.hparams.source == "cifar10"
     cli = ContinualCLI(args=["--config", str(REPO / "configs" / "prompt" / "ovor_vitb_cifar100.yaml")], run=False)
     assert isinstance(cli.model, OVOR) and cli.model.vor_config.tau_id == -15.0
     cli = run_cli(["fit", "--config", str(REPO / "configs" / "prompt" / "l2p_tiny_cifar10.yaml"),
