@@ -157,10 +157,28 @@ def vision_cache(cache_dir: Path) -> dict[str, Any]:
     return data
 
 
-def vision_run(loss: str, seed: int, cache: dict[str, Any], lr: float | None = None, opt: str | None = None) -> dict[str, Any]:
+def heldout_split(cache: dict[str, Any]) -> tuple[GeneralSet, GeneralSet]:
+    """Replay set from half of the Tiny-ImageNet classes, evaluation set from the *other* half.
+
+    The general score then measures images of classes that were never replayed: a general benchmark
+    independent of the replay set (as the paper's MMLU-style evaluations are of its replay text)."""
+    x, y = cache["general"]
+    ex, ey = cache["general_eval"]
+    classes = y.unique().sort().values
+    replayed = classes[: len(classes) // 2]
+    keep, held = torch.isin(y, replayed), ~torch.isin(ey, replayed)
+    return (GeneralSet(x[keep], y[keep], name="tiny_imagenet:train[2/class, classes 0-99]@prefix"),
+            GeneralSet(ex[held], ey[held], name="tiny_imagenet:valid[5/class, classes 100-199]@prefix"))
+
+
+def vision_run(loss: str, seed: int, cache: dict[str, Any], lr: float | None = None, opt: str | None = None,
+               heldout: bool = False) -> dict[str, Any]:
     cfg = VISION
-    general = GeneralSet(*cache["general"], name="tiny_imagenet:train[2/class]@prefix")
-    general_eval = GeneralSet(*cache["general_eval"], name="tiny_imagenet:valid[5/class]@prefix")
+    if heldout:
+        general, general_eval = heldout_split(cache)
+    else:
+        general = GeneralSet(*cache["general"], name="tiny_imagenet:train[2/class]@prefix")
+        general_eval = GeneralSet(*cache["general_eval"], name="tiny_imagenet:valid[5/class]@prefix")
     L.seed_everything(seed)
     model = GeRe(backbone=copy.deepcopy(cache["top"]), general=general if loss != "none" else None,
                  general_eval=general_eval, replay_loss=loss, loss_weight="dy",
@@ -168,7 +186,7 @@ def vision_run(loss: str, seed: int, cache: dict[str, Any], lr: float | None = N
                  anchor_batch_size=250, replay_seed=seed)
     dm = ContinualDataModule.from_stream(cache["stream"], batch_size=cfg["batch"], eval_batch_size=250, seed=seed)
     return {**_fit(model, dm, epochs=cfg["epochs"]), "optimizer": opt or cfg["optimizer"], "lr": lr or cfg["lr"],
-            "check_max_abs_diff": cache["check_max_abs_diff"]}
+            "check_max_abs_diff": cache["check_max_abs_diff"], **({"general_split": "heldout"} if heldout else {})}
 
 
 # ---------------------------------------------------------------------------- language model
@@ -337,13 +355,16 @@ def table(entries: list[dict[str, Any]]) -> str:
         if not rows:
             continue
         metric = "ImageNet-1k top-1 on Tiny-ImageNet valid, %" if setting == "vision" else "WikiText-2 test perplexity, lower is better"
-        for opt, lr in sorted({(e.get("optimizer", "sgd"), e["lr"]) for e in rows}):
-            lines += [f"### {setting}, {opt} lr {lr:g}: general capability ({metric}) vs downstream accuracy", "",
+        for opt, lr, split in sorted({(e.get("optimizer", "sgd"), e["lr"], e.get("general_split", "same")) for e in rows}):
+            where = (" — replay on classes 0-99, general score on the held-out classes 100-199"
+                     if split == "heldout" else "")
+            lines += [f"### {setting}, {opt} lr {lr:g}{where}: general capability ({metric}) vs downstream accuracy", "",
                       "| replay loss | seeds | general before | general after | kept (after/before) | downstream final avg acc (%) "
                       "| downstream just learned (%) | s/run |",
                       "|---|---|---|---|---|---|---|---|"]
             for loss, label in LOSSES.items():
-                runs = [e for e in rows if e["loss"] == loss and (e.get("optimizer", "sgd"), e["lr"]) == (opt, lr)]
+                runs = [e for e in rows if e["loss"] == loss
+                        and (e.get("optimizer", "sgd"), e["lr"], e.get("general_split", "same")) == (opt, lr, split)]
                 if not runs:
                     continue
                 scale = 100 if setting == "vision" else 1
@@ -374,6 +395,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "clframe_gere_cache",
                         help="where the frozen prefix's outputs are cached")
     parser.add_argument("--no-save", action="store_true", help="print results only (pilots)")
+    parser.add_argument("--heldout-general", action="store_true",
+                        help="vision: replay half of the general classes, score general capability on the other half")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out_json = RESULTS / "gere.json"
@@ -382,14 +405,18 @@ def main() -> None:
     print(json.dumps({"setting": args.setting, "check_max_abs_diff": cache["check_max_abs_diff"], **note}), flush=True)
     for seed in args.seeds:
         for loss in args.losses:
-            run = vision_run if args.setting == "vision" else lm_run
-            entry = {"setting": args.setting, "loss": loss, "seed": seed, **run(loss, seed, cache, args.lr, args.optimizer), **note}
+            if args.setting == "vision":
+                result = vision_run(loss, seed, cache, args.lr, args.optimizer, heldout=args.heldout_general)
+            else:
+                result = lm_run(loss, seed, cache, args.lr, args.optimizer)
+            entry = {"setting": args.setting, "loss": loss, "seed": seed, **result, **note}
             print(json.dumps(entry), flush=True)
             if args.no_save:
                 continue
-            key = (args.setting, loss, seed, entry["optimizer"], entry["lr"])
+            key = (args.setting, loss, seed, entry["optimizer"], entry["lr"], entry.get("general_split", "same"))
             entries = json.loads(out_json.read_text()) if out_json.exists() else []  # other runs may have written
-            entries = [e for e in entries if (e["setting"], e["loss"], e["seed"], e.get("optimizer", "sgd"), e["lr"]) != key]
+            entries = [e for e in entries if (e["setting"], e["loss"], e["seed"], e.get("optimizer", "sgd"), e["lr"],
+                                              e.get("general_split", "same")) != key]
             entries.append(entry)
             out_json.write_text(json.dumps(entries, indent=1))
             (RESULTS / "gere.md").write_text(HEADER + table(entries) + NOTES)
@@ -408,13 +435,19 @@ the frozen prefix's outputs are cached once per sample. See the script's docstri
 
 NOTES = """
 Runs (2 shared CPU cores, `nice -n 19`, `OMP_NUM_THREADS=2` vision / `1` LM; s/run varies 2-5x with the
-load of other jobs): vision AdamW 3e-4, seeds 0-2 for no replay, CE, CE + KL, CE + TM, seeds 0-1 for
-CE + L1, CE + L2, TM only (time ran out); LM AdamW 3e-3, seeds 0-1 for no replay, CE, CE + TM, seed 0 for
-the rest. The sgd table and the LM lr 1e-3 row are the runs that chose the protocol (see below).
+load of other jobs): vision AdamW 3e-4 and LM AdamW 3e-3, seeds 0-2 for every loss; the held-out vision
+table (`--heldout-general`: replay classes 0-99, general score on classes 100-199), seeds 0-2. The sgd
+table and the LM lr 1e-3 row are the runs that chose the protocol (see below).
 One-time costs: vision prefix cache 189 s (2,900 images at 128 px), LM prefix cache 529 s, SmolLM2
 GGUF load 230-270 s. Prefix + top reproduces the full network exactly (`check_max_abs_diff` 0.0 in both).
 
-## Reading: the paper's direction is not reproduced, and why
+## Reading
+
+With a general set independent of the replay set (held-out classes), the paper's direction holds: CE
+replay keeps 22.7 % of a 33.0 % start (no replay 19.3 %), CE + TM 30.6 % and is the steadiest through the
+stream (32.1 % after task 1; CE + L1 / L2 dip to 25 %), TM alone 32.8 %. The rest of this section is
+about the same-distribution tables, where it does not, and why.
+
 
 Claim: CE + TM keeps general ability better than CE / L1 / L2 / KL replay at similar downstream accuracy.
 Here, in both settings, **CE alone keeps (raises) the general score most**, CE + TM is level with
