@@ -1,9 +1,12 @@
-"""Shared helper of the reproduction scripts: run one config through the ``clframe`` command."""
+"""Shared helpers of the reproduction scripts: run one config through the ``clframe`` command, and describe
+the machine a measurement ran on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -26,3 +29,28 @@ def run_config(config: Path, seed: int, out: Path, *overrides: str) -> dict:
     results_file = max(out.rglob("results.json"), key=lambda p: p.stat().st_mtime)
     result = json.loads(results_file.read_text())
     return {"seed": seed, "seconds": time.time() - start, "log_dir": str(results_file.parent), **result}
+
+
+def machine() -> dict:
+    """What a timing depends on: CPU model and count, threads, niceness, load, library versions."""
+    import lightning
+    import torch
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        import avalanche
+
+        avalanche_version = avalanche.__version__
+    except ImportError:
+        avalanche_version = None
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(),
+            "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+            "gpu_used": False, "niceness": os.nice(0), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "avalanche": avalanche_version, "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}

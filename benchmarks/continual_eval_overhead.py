@@ -49,7 +49,6 @@ import inspect  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -59,6 +58,7 @@ from pathlib import Path  # noqa: E402
 from statistics import median, quantiles  # noqa: E402
 
 import torch  # noqa: E402
+from common import machine  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
@@ -115,23 +115,6 @@ def quiet():
     """Lightning prints a few info lines per task fit; keep the console readable."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import avalanche
-    return {
-        "cpu": cpu, "logical_cpus": os.cpu_count(),
-        "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "lightning": L.__version__, "avalanche": avalanche.__version__,
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 class TimedContinualEvaluation(ContinualEvaluation):

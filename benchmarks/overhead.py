@@ -59,7 +59,6 @@ import cProfile  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
 import pstats  # noqa: E402
 import shlex  # noqa: E402
 import tempfile  # noqa: E402
@@ -81,6 +80,8 @@ import lightning as L  # noqa: E402
 
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+from common import machine  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 from clframe.data.datamodule import ContinualDataModule  # noqa: E402
 from clframe.data.samplers import epoch_seed  # noqa: E402
@@ -325,22 +326,6 @@ def final_avg(rows: list[list[float]]) -> float:
 def quartiles(xs: list[float]) -> tuple[float, float]:
     q = quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     return q[0], q[2]
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import avalanche
-
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads(), "gpu_used": False,
-            "niceness": os.nice(0), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "lightning": L.__version__, "avalanche": avalanche.__version__,
-            "loadavg_at_start": os.getloadavg()}
 
 
 def measure(exp: Experiment, repeats: int, warmup: int, raw_file: Path) -> dict[str, Any]:
