@@ -6,6 +6,7 @@ source, never copied), global labels and its task id. Batches are ``(x, y, task_
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -75,6 +76,16 @@ class TaskDataset(Dataset):
             self.inputs, self.labels, self.task_id, self.indices[positions], self.input_transform,
             self.sample_transform,
         )
+
+
+def without_augmentation(dataset: Dataset) -> Dataset:
+    """The same samples without their per-sample augmentation (a shallow copy with ``sample_transform``
+    unset): what task-end passes that summarise the training data (iCaRL's herding, InTAct's boxes) read."""
+    if getattr(dataset, "sample_transform", None) is None:
+        return dataset
+    plain = copy.copy(dataset)
+    plain.sample_transform = None
+    return plain
 
 
 def passthrough_collate(batch: Batch) -> Batch:

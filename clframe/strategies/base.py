@@ -8,6 +8,7 @@ Everything a strategy remembers across tasks is a registered buffer or submodule
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,6 +24,12 @@ from clframe.strategies.intact import InTAct, InTActConfig
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
               "rmsprop": torch.optim.RMSprop}
+
+
+def frozen_copy(**parts: nn.Module) -> nn.ModuleDict:
+    """Deep copies of ``parts`` with gradients off, in eval mode: the teacher / reference snapshot that
+    distillation-style terms compare against (LwF, iCaRL, GeRe's KL reference)."""
+    return nn.ModuleDict({name: copy.deepcopy(module) for name, module in parts.items()}).requires_grad_(False).eval()
 
 
 class ContinualModule(L.LightningModule):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from clframe.data.stream import Batch, Task, passthrough_collate
 from clframe.errors import ConfigError
-from clframe.strategies.base import ContinualModule
+from clframe.strategies.base import ContinualModule, frozen_copy
 
 
 class Finetune(ContinualModule):
@@ -138,9 +137,7 @@ class LwF(ContinualModule):
         self.teacher: nn.Module | None = None
 
     def _snapshot_teacher(self) -> None:
-        teacher = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone), "head": copy.deepcopy(self.head)})
-        teacher.requires_grad_(False).eval()
-        self.teacher = teacher
+        self.teacher = frozen_copy(backbone=self.backbone, head=self.head)
 
     def on_task_start(self, task: Task) -> None:
         super().on_task_start(task)

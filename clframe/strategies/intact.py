@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from clframe.data.stream import Task, passthrough_collate
+from clframe.data.stream import Task, passthrough_collate, without_augmentation
 from clframe.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -210,10 +210,7 @@ class InTAct(nn.Module):
     @torch.no_grad()
     def on_task_end(self, module: ContinualModule, task: Task) -> None:
         """Record the boxes from the finished task's training data (eval mode, no augmentation)."""
-        data = task.train
-        if getattr(data, "sample_transform", None) is not None:
-            data = copy.copy(data)
-            data.sample_transform = None
+        data = without_augmentation(task.train)
         was_training = module.training
         module.eval()
         for ia in self.intervals:

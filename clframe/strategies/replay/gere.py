@@ -14,7 +14,6 @@ and are computed once (``anchor="base"``); TM only needs each anchor element's b
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any, Literal
 
@@ -25,7 +24,7 @@ from torch.nn import functional as F
 from clframe.data.general import GeneralReplaySampler, GeneralSet, build_general_set
 from clframe.data.stream import Batch, TaskStream
 from clframe.errors import ConfigError
-from clframe.strategies.base import ContinualModule
+from clframe.strategies.base import ContinualModule, frozen_copy
 from clframe.strategies.replay.gere_losses import (
     ReplayOutputs,
     band_codes,
@@ -210,10 +209,8 @@ class GeRe(ContinualModule):
         self.anchor_task.fill_(int(self.current_task))
 
     def _snapshot_reference(self) -> None:
-        parts = {"backbone": copy.deepcopy(self.backbone)}
-        if not self.is_lm:
-            parts["head"] = copy.deepcopy(self._general_head())
-        self.reference = nn.ModuleDict(parts).requires_grad_(False).eval()
+        parts = {"backbone": self.backbone} if self.is_lm else {"backbone": self.backbone, "head": self._general_head()}
+        self.reference = frozen_copy(**parts)
 
     def materialize_state(self, state_dict) -> None:
         if self.reference is None and any(k.startswith("reference.") for k in state_dict):

@@ -32,19 +32,18 @@ network), so a checkpoint resumes exactly.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from clframe.data.stream import Batch, Task, TaskStream, passthrough_collate
+from clframe.data.stream import Batch, Task, TaskStream, passthrough_collate, without_augmentation
 from clframe.data.view_batch import task_epoch_offset
 from clframe.errors import ConfigError
-from clframe.strategies.base import ContinualModule
+from clframe.strategies.base import ContinualModule, frozen_copy
 from clframe.strategies.replay.buffer import ReplayBuffer
 from clframe.strategies.replay.view_batch import ViewBatch, ViewBatchConfig
 
@@ -157,8 +156,7 @@ class ICaRL(ContinualModule):
 
     # ------------------------------------------------------------------ teacher
     def _snapshot_teacher(self) -> None:
-        teacher = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone), "head": copy.deepcopy(self.head)})
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher = frozen_copy(backbone=self.backbone, head=self.head)
 
     def train(self, mode: bool = True) -> ICaRL:
         super().train(mode)
@@ -269,15 +267,6 @@ class ICaRL(ContinualModule):
         return loss
 
     # ------------------------------------------------------------------ task end
-    @staticmethod
-    def _unaugmented(dataset: Dataset) -> Dataset:
-        """The same samples without per-sample augmentation (herding looks at the plain images)."""
-        if getattr(dataset, "sample_transform", None) is None:
-            return dataset
-        plain = copy.copy(dataset)
-        plain.sample_transform = None
-        return plain
-
     @torch.no_grad()
     def _features_of(self, x: Tensor) -> Tensor:
         bs = self.hparams.feature_batch_size
@@ -289,7 +278,7 @@ class ICaRL(ContinualModule):
         n_seen = int(((self.class_task >= 0) & (self.class_task <= task.id)).sum())
         per_class = self.memory.capacity // max(1, n_seen)
         self.memory.shrink(per_class)
-        data = self._unaugmented(task.train)
+        data = without_augmentation(task.train)
         loader = DataLoader(data, batch_size=self.hparams.feature_batch_size, shuffle=False,
                             collate_fn=passthrough_collate)
         feats, labels = [], []
