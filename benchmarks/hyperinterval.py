@@ -129,6 +129,9 @@ Protocol (official settings: reference-results §4.1, method card §4/§7). What
   half-width). `split_nested_ref`: as the reference code runs (HINT nested trainer): no embedding copy
   (the reference's custom_init is a no-op), the lowest-training-loss hypernetwork once eps is full,
   universal embedding evaluated as a box of radius eps/M.
+- `perm_nested`: nested Permuted-MNIST on the CPU-sized target of `perm_hi` (784-100-100-10, chunks of
+  2000, 1000 iterations per task) with the official nested settings (M 24, eps 5, hypernet [100, 100]),
+  beta 0.005 scaled like `perm_hi`'s (x 22.7 -> 0.1), as the reference code runs.
 - **`*_official` rows: the paper's protocol, unshrunk** (the configs exactly as they are: unchunked
   hypernetworks, 400-400 / 1000-1000 targets, 2000 / 5000 iterations per task), run on one NVIDIA H100
   (6 Split-MNIST runs side by side on the GPU, so s/run is wall time under that sharing):
