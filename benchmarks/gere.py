@@ -483,7 +483,8 @@ just-learned 82.4 vs 83.1 %), and keeps the LM's perplexity at 61.3 (start 58.2;
 The hinge to the anchors' bands is enough to hold the general head's behaviour.
 
 Limits: the LM downstream task (speaker identification from 32 tokens, 96 utterances per task) is not
-learned by any variant (chance, 50 % just learned), so the LM rows compare general perplexity only; at
+learned by any variant (chance, 50 % just learned), so those LM rows compare general perplexity only
+(the `--lm-task plays` table pairs speakers across plays: learnable, 67-74 % just learned); at
 lr 1e-3 it was not learned either and the perplexity moved by 1.5 %, so lr 3e-3 was used to make
 forgetting measurable. CE + KL (w = 'dy') on the LM was unstable on the first task (perplexity 112 after
 task 1, 62 after task 2). Only the top of each network trains (stage 6 + conv head of EfficientNet-Lite0;
