@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -54,3 +55,9 @@ def machine() -> dict:
             "gpu_used": False, "niceness": os.nice(0), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
             "avalanche": avalanche_version, "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def mean_sd(values: list[float], scale: float = 100.0) -> str:
+    """``mean ± sample sd`` of fractions, as percentages (sd 0 for a single value)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.mean(values):.2f} ± {scale * sd:.2f}"

@@ -157,19 +157,19 @@ HAND_MARKER = "<!-- everything below this line is written by hand and kept when 
 _lock = threading.Lock()
 
 
-def load_results() -> list[dict]:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+def load_results(path: Path = RESULTS) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
 
 
-def run_job(name: str, seed: int, out_root: Path) -> dict:
+def run_job(name: str, seed: int, out_root: Path, results_path: Path = RESULTS) -> dict:
     _, _, config, overrides, _ = JOBS[name]
     r = run_config(ROOT / "configs" / config, seed, out_root / name / f"seed{seed}", *overrides)
     result = {"job": name, "seed": seed, "seconds": r["seconds"], **r["metrics"], "accuracy_matrix": r["accuracy_matrix"],
               "extra_accuracy": r.get("extra_accuracy", {})}
     result.update(derived(result))
     with _lock:  # save as we go: a long benchmark interrupted late keeps what it finished
-        results = [x for x in load_results() if (x["job"], x["seed"]) != (name, seed)] + [result]
-        RESULTS.write_text(json.dumps(results, indent=1))
+        results = [x for x in load_results(results_path) if (x["job"], x["seed"]) != (name, seed)] + [result]
+        results_path.write_text(json.dumps(results, indent=1))
     print(f"{name} seed {seed}: TIL {100 * result['final/avg_acc']:.2f}  BWT {100 * result['final/bwt']:.2f}  "
           f"({result['seconds']:.0f} s)", flush=True)
     return result
@@ -222,13 +222,12 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="results JSON to read and extend (two concurrent invocations need separate files)")
     args = parser.parse_args()
-    globals()["RESULTS"] = args.results
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     if not args.report:
         jobs = [(n, s) for n in args.only for s in args.seeds[: JOBS[n][4] or len(args.seeds)]]
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda job: run_job(*job, args.out), jobs))
-    table = report(load_results())
+            list(pool.map(lambda job: run_job(*job, args.out, args.results), jobs))
+    table = report(load_results(args.results))
     print(table)
     kept = REPORT.read_text().split(HAND_MARKER, 1)[1] if REPORT.exists() and HAND_MARKER in REPORT.read_text() else "\n"
     command = "CLFRAME_DATA=/path/to/data python benchmarks/hyperinterval.py --seeds 0 1 2 --jobs 2"

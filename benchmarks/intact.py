@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, run_config
+from common import ROOT, mean_sd, run_config
 
 RESULTS = ROOT / "benchmarks" / "results"
 BENCHMARKS = {"rotated_mnist": "Rotated-MNIST (5 angles)", "permuted_mnist": "Permuted-MNIST (5 tasks)"}
@@ -50,11 +50,6 @@ def collect(out_root: Path) -> list[dict[str, Any]]:
                 entries.append({"benchmark": bench, "config": config, "seed": int(seed_dir.name[4:]), "seconds": None,
                                 "matrix": result["accuracy_matrix"], **{k: result["metrics"][k] for k in METRICS}})
     return entries
-
-
-def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
 
 
 def table(entries: list[dict[str, Any]]) -> str:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, run_config
+from common import ROOT, mean_sd, run_config
 
 CONFIGS = {"l2p": "L2P", "l2p_intact": "L2P + InTAct (head; Var, IntDrift, Align; no Feat)"}
 METRICS = ("final/avg_acc", "final/bwt", "final/avg_forgetting", "final/learning_acc")
@@ -52,11 +52,6 @@ def store(path: Path, fresh: list[dict[str, Any]]) -> list[dict[str, Any]]:
     path.write_text(json.dumps(merged, indent=1))
     path.with_suffix(".md").write_text(table(merged))
     return merged
-
-
-def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
 
 
 def table(entries: list[dict[str, Any]]) -> str:

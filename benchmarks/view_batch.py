@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, run_config  # noqa: E402
+from common import ROOT, mean_sd, run_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BENCHMARKS = ("split_mnist", "split_fashion_mnist", "split_cifar10")
@@ -73,11 +73,6 @@ def save(runs: list[dict]) -> None:
     (RESULTS / "view_batch_table.md").write_text(table(runs))
 
 
-def _ms(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * sd:.2f}"
-
-
 def table(runs: list[dict]) -> str:
     lines = ["| benchmark | variant | seeds | final avg acc (%) ↑ | avg forgetting ↓ | steps | s / run |",
              "|---|---|---|---|---|---|---|"]
@@ -92,7 +87,7 @@ def table(runs: list[dict]) -> str:
             secs = statistics.mean(r["seconds"] for r in rs)
             label = (CIFAR_LABELS if bench == "split_cifar10" else LABELS)[variant]
             lines.append(f"| {bench} | {label} (`{variant}.yaml`) | {','.join(str(r['seed']) for r in rs)} "
-                         f"| {_ms(acc)} | {_ms(fgt)} | {'/'.join(map(str, steps))} | {secs:.0f} |")
+                         f"| {mean_sd(acc)} | {mean_sd(fgt)} | {'/'.join(map(str, steps))} | {secs:.0f} |")
     return "\n".join(lines) + "\n"
 
 
