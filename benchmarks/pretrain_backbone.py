@@ -19,6 +19,7 @@ H100 while other jobs shared the GPU; on 2 CPU cores the same run would take man
 
     CLFRAME_DATA=../shared/data python benchmarks/pretrain_backbone.py
 
+``--score runs/backbones/vit_tiny_tinyimagenet.pt`` scores a saved checkpoint on the whole valid split.
 ``--time-budget-min M`` times 30 steps first and sets ``--epochs`` to what fits M minutes (the recorded run:
 ``--time-budget-min 5.5`` -> 85 epochs); ``--bench 30`` only measures throughput (images/s) and exits.
 The recorded run reached 17.6 % top-1 on the first 4,000 valid images (43 % on training images; the full
@@ -63,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bench", type=int, default=0, help="only time this many training steps, then exit")
     p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (timm Mixup; 0: off)")
     p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (timm Mixup; 0: off)")
+    p.add_argument("--score", default=None, metavar="CHECKPOINT",
+                   help="only score a saved checkpoint (this architecture) on the whole valid split, then exit")
     p.add_argument("--time-budget-min", type=float, default=0.0,
                    help="if > 0: time 30 steps first and set --epochs to what fits this many minutes of training")
     return p.parse_args()
@@ -160,6 +163,11 @@ def main() -> None:
         return model, opt
 
     model, opt = build()
+    if args.score:
+        model.load_state_dict(torch.load(args.score, map_location=device))
+        top1 = evaluate(model, valid_x, valid_y, device)
+        print(json.dumps({"checkpoint": args.score, "valid_top1": round(top1, 4), "valid_images": len(valid_x)}))
+        return
     n_params = sum(p.numel() for p in model.parameters())
     steps_per_epoch = len(train_x) // args.batch_size  # drop the last partial batch
     total = steps_per_epoch * args.epochs
