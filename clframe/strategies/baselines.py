@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from clframe.data.stream import Batch, Task, passthrough_collate
 from clframe.errors import ConfigError
 from clframe.strategies.base import ContinualModule, frozen_copy
+from clframe.strategies.distillation import soft_cross_entropy
 
 
 class Finetune(ContinualModule):
@@ -121,20 +122,52 @@ class EWC(ContinualModule):
 
 
 class LwF(ContinualModule):
-    """Learning without Forgetting (Li & Hoiem 2016), class- and task-incremental.
+    """Learning without Forgetting (Li & Hoiem 2016) in class-, task- and domain-incremental streams.
 
-    At each task start the current network is frozen as a teacher; training adds
-    ``alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over the logits of the
-    classes learned before the task (per earlier task in task-incremental streams).
+    At each task start the current network is frozen as a teacher. Before the task trains, a warm-up
+    fits only the new classes' head rows on frozen features (the paper's warm-up step; Mammoth's
+    ``begin_task``). Training then adds ``alpha * L_old``, the cross-entropy between the teacher's and
+    the student's temperature-``T`` softmax (the paper's Eq. 2):
+
+    - task-incremental: one term per earlier task, over that task's classes (the paper's multi-head case);
+    - class-incremental: ``distill_classes="seen"`` takes the student's softmax over every class seen so
+      far, with teacher probability 0 for the new ones (van de Ven et al.'s three-scenario LwF), while
+      ``"old"`` takes both softmaxes over the old classes only (Mammoth's ``lwf``);
+    - domain-incremental: one term over the shared head.
+
+    ``weighting="sum"`` gives ``CE + alpha * sum_g L_old_g`` (the paper, lambda_o = alpha);
+    ``"balanced"`` gives ``CE / t + (1 - 1/t) * alpha * mean_g L_old_g`` at the ``t``-th task (van de Ven's
+    weighting by the number of tasks seen). ``scale_by_t2`` multiplies ``L_old`` by ``T^2`` (Hinton et al.'s
+    gradient scaling; none of the references does).
 
     Args:
-        alpha: weight of the distillation term.
-        temperature: softmax temperature ``T``.
+        alpha: weight of the distillation term (the paper's lambda_o).
+        temperature: softmax temperature ``T`` (the paper's 2).
+        distill_classes: class-incremental only: ``"seen"`` or ``"old"`` (see above).
+        weighting: ``"sum"`` (the paper) or ``"balanced"`` (van de Ven).
+        scale_by_t2: multiply the distillation term by ``T^2`` (clframe before 2026-12 did).
+        warmup_epochs: epochs of head-only warm-up at each task start after the first; ``None`` takes the
+            trainer's ``epochs_per_task`` (Mammoth's choice), 0 turns it off. Domain-incremental streams
+            have no new head rows, so nothing is warmed up there.
+        warmup_lr: the warm-up's SGD learning rate (``None``: ``lr``).
     """
 
-    def __init__(self, alpha: float = 1.0, temperature: float = 2.0, **kwargs: Any) -> None:
+    def __init__(self, alpha: float = 1.0, temperature: float = 2.0,
+                 distill_classes: Literal["seen", "old"] = "seen", weighting: Literal["sum", "balanced"] = "sum",
+                 scale_by_t2: bool = False, warmup_epochs: int | None = None, warmup_lr: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if distill_classes not in ("seen", "old"):
+            raise ConfigError(f"distill_classes must be 'seen' or 'old', got {distill_classes!r}")
+        if weighting not in ("sum", "balanced"):
+            raise ConfigError(f"weighting must be 'sum' or 'balanced', got {weighting!r}")
+        if temperature <= 0:
+            raise ConfigError(f"temperature must be positive, got {temperature}")
+        if warmup_epochs is not None and warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs must be non-negative (0 turns the warm-up off), got {warmup_epochs}")
         self.teacher: nn.Module | None = None
+        # The task whose warm-up has run: checkpointed, so a run resumed inside a task does not warm up twice.
+        self.register_buffer("warmed_up_task", torch.tensor(-1))
 
     def _snapshot_teacher(self) -> None:
         self.teacher = frozen_copy(backbone=self.backbone, head=self.head)
@@ -143,6 +176,41 @@ class LwF(ContinualModule):
         super().on_task_start(task)
         if task.id > 0:
             self._snapshot_teacher()
+
+    def on_train_start(self) -> None:
+        """The warm-up runs here, once the model sits on its training device."""
+        super().on_train_start()
+        task = int(self.current_task)
+        if task > 0 and int(self.warmed_up_task) != task and self.scenario != "domain":
+            epochs = self.hparams.warmup_epochs
+            if epochs is None:
+                epochs = getattr(self.trainer, "epochs_per_task", 1)
+            if epochs > 0:
+                datamodule = self.trainer.datamodule
+                self.warm_up_head(datamodule.stream[task], epochs, datamodule.hparams.batch_size)
+        self.warmed_up_task.fill_(task)
+
+    def warm_up_head(self, task: Task, epochs: int, batch_size: int) -> None:
+        """Train the new classes' head rows on frozen features (eval mode), with plain SGD."""
+        new = (self.class_task == task.id).nonzero().squeeze(1)
+        remap = torch.full_like(self.class_task, -1)
+        remap[new] = torch.arange(len(new), device=new.device)
+        gen = torch.Generator().manual_seed(1000 + task.id)
+        loader = DataLoader(task.train, batch_size=batch_size, shuffle=True, generator=gen,
+                            collate_fn=passthrough_collate)
+        optimizer = torch.optim.SGD(self.head.parameters(), lr=self.hparams.warmup_lr or self.hparams.lr)
+        was_training = self.training
+        self.eval()
+        for _ in range(epochs):
+            for x, y, _t in loader:
+                x, y = x.to(self.device), y.to(self.device)
+                with torch.no_grad():
+                    feats = self.features(x)
+                optimizer.zero_grad()
+                F.cross_entropy(self.head(feats)[:, new], remap[y]).backward()
+                optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.train(was_training)
 
     def materialize_state(self, state_dict) -> None:
         """A checkpoint written after task 0 holds a teacher: create its slot before loading."""
@@ -156,25 +224,41 @@ class LwF(ContinualModule):
             self.teacher.eval()
         return self
 
+    def distillation_groups(self, task: int) -> list[tuple[Tensor, Tensor]]:
+        """(student columns, teacher columns) per distillation term; new classes come last among the
+        student columns, where the teacher's padding with probability 0 puts them."""
+        owner = self.class_task
+        if self.scenario == "domain":
+            cols = torch.arange(len(owner), device=owner.device)
+            return [(cols, cols)]
+        if self.scenario == "task":
+            return [((owner == g).nonzero().squeeze(1),) * 2 for g in range(task)]
+        old = ((owner >= 0) & (owner < task)).nonzero().squeeze(1)
+        if self.hparams.distill_classes == "old":
+            return [(old, old)]
+        return [(torch.cat([old, (owner == task).nonzero().squeeze(1)]), old)]
+
     def distillation(self, x: Tensor, student_logits: Tensor, task: int) -> Tensor:
+        """``L_old`` summed (``weighting="sum"``) or averaged (``"balanced"``) over the groups."""
         with torch.no_grad():
             teacher_logits = self.teacher["head"](self.teacher["backbone"](self.preprocess(x)))
-        old_owner = self.class_task
-        groups = range(task) if self.scenario == "task" else [None]
-        temp, total = self.hparams.temperature, student_logits.new_zeros(())
-        for g in groups:
-            cols = (old_owner == g) if g is not None else (old_owner >= 0) & (old_owner < task)
-            if self.scenario == "domain":
-                cols = torch.ones_like(cols)
-            s = F.log_softmax(student_logits[:, cols] / temp, dim=1)
-            p = F.softmax(teacher_logits[:, cols] / temp, dim=1)
-            total = total + F.kl_div(s, p, reduction="batchmean") * temp**2
-        return total
+        temp = self.hparams.temperature
+        terms = [soft_cross_entropy(student_logits[:, s], teacher_logits[:, t], temp)
+                 for s, t in self.distillation_groups(task)]
+        total = torch.stack(terms).sum() if terms else student_logits.new_zeros(())
+        if self.hparams.weighting == "balanced" and terms:
+            total = total / len(terms)
+        return total * temp**2 if self.hparams.scale_by_t2 else total
 
     def training_loss(self, batch: Batch) -> Tensor:
         x, y, t = batch
         raw = self.head(self.features(x))
         loss = F.cross_entropy(self.mask_logits(raw, t), y)
-        if self.teacher is not None and self.hparams.alpha > 0:
-            loss = loss + self.hparams.alpha * self.distillation(x, raw, int(self.current_task))
-        return loss
+        if self.teacher is None or self.hparams.alpha <= 0:
+            return loss
+        task = int(self.current_task)
+        distill = self.hparams.alpha * self.distillation(x, raw, task)
+        if self.hparams.weighting == "balanced":
+            new_share = 1.0 / (task + 1)
+            return new_share * loss + (1.0 - new_share) * distill
+        return loss + distill
