@@ -6,7 +6,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
@@ -14,6 +13,7 @@ from clframe.data.stream import Batch, Task, passthrough_collate
 from clframe.errors import ConfigError
 from clframe.strategies.base import ContinualModule, frozen_copy
 from clframe.strategies.distillation import soft_cross_entropy
+from clframe.strategies.fisher import fisher_sq_grads
 
 
 class Finetune(ContinualModule):
@@ -41,7 +41,7 @@ class EWC(ContinualModule):
     """Elastic Weight Consolidation (Kirkpatrick et al. 2017) and its online variant (Schwarz et al. 2018).
 
     After each task the diagonal Fisher ``F = E_x[ p(y|x) * (d log p(y|x) / d theta)^2 ]`` at the true
-    label ``y`` is computed from per-sample gradients (Mammoth's ``ewc_on`` estimator), and training
+    label ``y`` is computed from squared per-sample gradients (Mammoth's ``ewc_on`` estimator), and training
     adds ``lambda * sum_i F_i (theta_i - theta*_i)^2``.
 
     Online (default): one penalty with ``F <- gamma * F + F_task`` and ``theta*`` the latest
@@ -52,14 +52,20 @@ class EWC(ContinualModule):
         gamma: decay of the accumulated Fisher in the online variant.
         online: online EWC (one accumulated penalty) or the original one-penalty-per-task form.
         fisher_samples: use at most this many training samples for the Fisher (all by default).
-        fisher_batch_size: per-sample gradients are computed this many at a time.
+        fisher_batch_size: samples per Fisher batch.
+        fisher_method: ``closed_form`` (default) sums squared per-sample gradients of linear and convolution
+            layers from their inputs and output gradients, without materialising them; ``per_sample`` takes
+            every parameter's per-sample gradients with ``torch.func`` (the same numbers, much slower).
     """
 
     def __init__(self, ewc_lambda: float = 90.0, gamma: float = 1.0, online: bool = True,
-                 fisher_samples: int | None = None, fisher_batch_size: int = 128, **kwargs: Any) -> None:
+                 fisher_samples: int | None = None, fisher_batch_size: int = 128,
+                 fisher_method: Literal["closed_form", "per_sample"] = "closed_form", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if ewc_lambda < 0:
             raise ConfigError(f"ewc_lambda must be non-negative, got {ewc_lambda}")
+        if fisher_method not in ("closed_form", "per_sample"):
+            raise ConfigError(f"fisher_method must be 'closed_form' or 'per_sample', got {fisher_method!r}")
         self.register_buffer("ewc_fisher", torch.empty(0))
         self.register_buffer("ewc_anchor", torch.empty(0))
 
@@ -80,33 +86,23 @@ class EWC(ContinualModule):
 
     @torch.no_grad()
     def fisher_diagonal(self, task: Task) -> Tensor:
-        """Per-parameter Fisher on ``task``'s training data, from per-sample gradients (torch.func)."""
+        """Per-parameter Fisher on ``task``'s training data, in eval mode (see :mod:`clframe.strategies.fisher`)."""
         names = [n for n, p in self.named_parameters() if p.requires_grad]
-        params = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
-        buffers = dict(self.named_buffers())
         was_training = self.training
         self.eval()
-
-        def log_lik(p: dict[str, Tensor], x: Tensor, y: Tensor, t: Tensor) -> Tensor:
-            logits = functional_call(self, (p, buffers), (x.unsqueeze(0), t.unsqueeze(0)))
-            return F.log_softmax(logits, dim=1)[0].gather(0, y.unsqueeze(0)).squeeze(0)
-
-        per_sample = vmap(grad(log_lik), in_dims=(None, 0, 0, 0))
         data = task.train
         if self.hparams.fisher_samples is not None and len(data) > self.hparams.fisher_samples:
             gen = torch.Generator().manual_seed(task.id)
             data = data.subset(torch.randperm(len(data), generator=gen)[: self.hparams.fisher_samples])
         loader = DataLoader(data, batch_size=self.hparams.fisher_batch_size, collate_fn=passthrough_collate)
-        fisher = torch.zeros(sum(params[n].numel() for n in names), device=self.device)
+        closed_form = self.hparams.fisher_method == "closed_form"
+        sums = {n: torch.zeros_like(p) for n, p in self.named_parameters() if p.requires_grad}
         for x, y, t in loader:
             x, y, t = x.to(self.device), y.to(self.device), t.to(self.device)
-            with torch.enable_grad():
-                grads = per_sample(params, x, y, t)
-            lik = vmap(log_lik, in_dims=(None, 0, 0, 0))(params, x, y, t).exp()
-            flat = torch.cat([grads[n].flatten(1) for n in names], dim=1)
-            fisher += (lik.unsqueeze(1) * flat.pow(2)).sum(0)
+            for n, v in fisher_sq_grads(self, names, x, y, t, closed_form=closed_form).items():
+                sums[n] += v
         self.train(was_training)
-        return fisher / len(data)
+        return torch.cat([sums[n].flatten() for n in names]) / len(data)
 
     def on_task_end(self, task: Task) -> None:
         fisher, anchor = self.fisher_diagonal(task), self._flat_params().detach().clone()
