@@ -36,7 +36,7 @@ from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
 from clframe.loggers import log_stream_to_wandb
-from clframe.metrics.matrix import summarize_matrix
+from clframe.metrics.matrix import summarize_matrix, unavailable_metrics
 from clframe.metrics.summary import format_results
 from clframe.strategies.base import ContinualModule
 
@@ -322,9 +322,12 @@ class ContinualTrainer(L.Trainer):
 
     def _finish(self, model: ContinualModule, datamodule: ContinualDataModule) -> None:
         rows = [r for r in self.progress.rows if r]
-        metrics = summarize_matrix(rows, self.progress.initial) if rows else {}
+        unseen_masked = datamodule.stream.scenario == "class" and bool(model.hparams.get("mask_unseen_classes", True))
+        metrics = summarize_matrix(rows, self.progress.initial, unseen_masked) if rows else {}
         self.continual_results = {"accuracy_matrix": rows, "initial_accuracy": self.progress.initial,
                                   "metrics": metrics, "seed": _global_seed(), "data_seed": datamodule.stream.seed,
+                                  "metrics_not_available": unavailable_metrics(self.progress.initial, unseen_masked)
+                                  if rows else {},
                                   "stream": {"name": datamodule.stream.name, "scenario": datamodule.stream.scenario,
                                              "tasks": len(datamodule.stream), "signature": datamodule.stream.signature()}}
         for cb in self.callbacks:
@@ -349,6 +352,8 @@ class ContinualTrainer(L.Trainer):
                     f.write(f"{i}," + ",".join("" if a != a else f"{a:.6f}" for a in row) + "\n")
         tmp = out / "results.json.tmp"
         clean = {**self.continual_results, "accuracy_matrix": [[None if a != a else a for a in r] for r in rows]}
+        missing = self.continual_results.get("metrics_not_available") or {}
+        clean["metrics"] = {**self.continual_results["metrics"], **dict.fromkeys(missing)}  # null, reason beside
         tmp.write_text(json.dumps(clean, indent=2))
         os.replace(tmp, out / "results.json")
 
