@@ -52,6 +52,17 @@ def topk_mask(scores: Tensor, density: float) -> Tensor:
     return mask.view_as(scores)
 
 
+def er_density(weight_shape: Sequence[int], epsilon: float, cap: float = 0.5) -> float:
+    """Erdős–Rényi layer-wise density: ``min(cap, epsilon * (fan_out + fan_in) / numel)``.
+
+    ``fan_out``/``fan_in`` are the first two weight dimensions (channels for a convolution) and ``numel``
+    counts the kernel too, so wide layers keep a smaller fraction than narrow ones; ``epsilon`` sets the
+    overall budget (SupSup's ``--er-sparsity`` with ``--sparsity epsilon``, capped at one half there).
+    """
+    numel = math.prod(weight_shape)
+    return min(cap, epsilon * (weight_shape[0] + weight_shape[1]) / numel)
+
+
 class _TopK(torch.autograd.Function):
     """Edge-popup: forward the top-k mask, pass the gradient straight through (to ``|S|``)."""
 
