@@ -194,7 +194,8 @@ class SupSup(SupermaskModule):
         rates = counts[:3, seen] / counts[3, seen]
         self.task_inference_accuracy, self.given_task_accuracy = rates[0].tolist(), rates[1].tolist()
         # Shared labels (domain streams: every task uses the same real outputs): the class predicted with
-        # the inferred mask, right or wrong task, as the reference scores GNu RotatingMNIST.
+        # the inferred mask, right or wrong task. Not the reference's GNu score: its scripts set
+        # unshared_labels, so a wrongly inferred task counts as wrong, as in the accuracy matrix.
         self.inferred_mask_accuracy = rates[2].tolist()
         self.log_dict({"test/task_inference_acc": float(rates[0].mean()), "test/given_task_acc": float(rates[1].mean()),
                        "test/inferred_mask_acc": float(rates[2].mean())}, sync_dist=False)
