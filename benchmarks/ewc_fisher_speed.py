@@ -67,7 +67,7 @@ def main() -> None:
     epoch_s = train_one_epoch(model, task, batch_size=10)
 
     start = time.perf_counter()
-    fast = model.fisher_diagonal(task)
+    model.fisher_diagonal(task)
     fast_s = time.perf_counter() - start
 
     m = min(args.per_sample_samples, n)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from clframe import ContinualDataModule
 from clframe.strategies import SupSup

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from clframe.data.stream import Batch, Task
-from clframe.strategies.supermask.base import SupermaskModule
 from clframe.errors import ConfigError
+from clframe.strategies.supermask.base import SupermaskModule
 from clframe.strategies.supermask.layers import MaskedLinear, MaskRule, MaskSource, er_density
 
 
