@@ -106,7 +106,7 @@ def test_terms_at_the_first_step_of_a_task_and_boxes_after_each_task(tmp_path):
 
 def test_a_domain_incremental_run_and_its_checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = Finetune(**MLP, optimizer="adam", lr=1e-3, intact=InTActConfig())  # the card's optimiser
+    model = Finetune(**MLP, optimizer="adam", lr=1e-3, intact=InTActConfig())  # the reference's optimiser
     trainer = _fit(model, _data(), tmp_path, epochs_per_task=2)
     assert all(v > 0 for v in (model.intact.last_terms["int"], model.intact.last_terms["feat"]))
     assert len(trainer.accuracy_matrix) == 3

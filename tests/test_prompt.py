@@ -1,4 +1,4 @@
-"""Prompt methods on a frozen ViT (L2P, DualPrompt, CODA-Prompt, OnePrompt, OVOR): mechanics exactly (card §8),
+"""Prompt methods on a frozen ViT (L2P, DualPrompt, CODA-Prompt, OnePrompt, OVOR): mechanics exactly,
 and every strategy end to end for two tasks through ContinualTrainer on a tiny random ViT and 8x8 digits.
 
 The ViT is timm's ``vit_tiny_patch16_224`` shrunk through create_model arguments (16 px, patch 4, 3 blocks,
@@ -338,7 +338,7 @@ def test_parameter_counts_and_inference_cost():
         assert model.forward_passes_per_image == (1 if cls is OnePrompt else 2)
     model, _ = bound(OnePrompt)
     assert model.parameter_report()["prompt"] == (1 * 4 + 2 * 8) * 32
-    # the card's ViT-B figure: G 10 x 768 at 2 blocks, E 40 x 768 at 3 blocks
+    # the ViT-B figure: G 10 x 768 at 2 blocks, E 40 x 768 at 3 blocks
     assert (2 * 10 + 3 * 40) * 768 == 107_520
 
 

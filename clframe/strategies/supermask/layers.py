@@ -6,7 +6,7 @@ mask *stored* for a finished task, or a *superposition* ``Σ_i α_i M_i`` of sto
 task inference). Stored masks are registered buffers (1 bit per weight per task), so they travel
 in ``state_dict`` and checkpoints.
 
-Conventions (method card, ``supermasks.md`` §1):
+Conventions:
 - ``density`` is the fraction of weights **kept**, per layer: ``⌊density · numel⌋`` entries of
   ``|S|`` (one exact-count rule for SupSup, WSN and ExSSNeT; WSN's percentile rule keeps one entry
   more at most).

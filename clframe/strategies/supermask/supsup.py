@@ -5,8 +5,8 @@ supermask (its scores), so nothing shared changes and nothing is forgotten. When
 given, all stored masks are superimposed with coefficients ``α_i = 1/k`` and one gradient of the
 output entropy with respect to ``α`` picks the mask (``t̂ = argmin_i ∂H/∂α_i``).
 
-clframe choices (method card §5): the argmin runs over learned tasks only (``α`` has one entry per
-stored mask, so an unlearned slot can never be picked); the default infers once per test batch from
+clframe choices (see docs/methods/supermasks.md): the argmin runs over learned tasks only (``α`` has
+one entry per stored mask, so an unlearned slot can never be picked); the default infers once per test batch from
 its first ``inference_samples`` images, as the reference code does, and ``inference_scope="sample"``
 infers every sample on its own (for mixed batches). The exhaustive per-mask entropy baseline is kept
 (``task_inference="exhaustive"``). Scores are re-initialised at every task start (no score
