@@ -92,8 +92,8 @@ def learning_accuracy(matrix: Matrix) -> float:
     return float(np.mean([r[k, k] for k in range(r.shape[0])]))
 
 
-FWT_MASKED_REASON = ("not available: in a class-incremental stream with unseen classes masked, a task's "
-                     "classes cannot be predicted before it starts, so R[j-1][j] and b_j are 0 by construction")
+FWT_MASKED_REASON = ("undefined in a class-incremental stream with unseen classes masked: a task's classes "
+                     "cannot be predicted before it starts, so R[j-1][j] and b_j are 0 by construction")
 
 
 def unavailable_metrics(initial: Sequence[float] | None, unseen_masked: bool) -> dict[str, str]:

@@ -84,4 +84,4 @@ def format_results(results: Mapping[str, Any], strategy: str | None = None) -> s
 
 def unavailable_lines(reasons: Mapping[str, str]) -> list[str]:
     """One line per metric the run cannot define: ``n/a`` and why (instead of a made-up number)."""
-    return [f"{label(k)}: n/a ({k}): {why}" for k, why in reasons.items()]
+    return [f"{label(k)}: n/a ({k}), {why}" for k, why in reasons.items()]
