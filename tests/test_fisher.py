@@ -80,3 +80,16 @@ def test_a_layer_called_twice_falls_back_to_per_sample_gradients() -> None:
         model.double()
         out[method] = model.fisher_diagonal(task)
     assert torch.allclose(out["closed_form"], out["per_sample"], rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_closed_forms_do_not_depend_on_the_chunk_size() -> None:
+    from clframe.strategies.fisher import _conv_sq_grads, _linear_sq_grads
+
+    torch.manual_seed(0)
+    lin, conv = nn.Linear(4, 3), nn.Conv2d(2, 3, 3, padding=1)
+    a, g, w = torch.randn(10, 5, 4), torch.randn(10, 5, 3), torch.rand(10)
+    assert all(torch.allclose(x, y) for x, y in zip(_linear_sq_grads(lin, a, g, w, chunk=3),
+                                                    _linear_sq_grads(lin, a, g, w, chunk=100), strict=True))
+    a, g = torch.randn(10, 2, 5, 5), torch.randn(10, 3, 5, 5)
+    assert all(torch.allclose(x, y) for x, y in zip(_conv_sq_grads(conv, a, g, w, chunk=3),
+                                                    _conv_sq_grads(conv, a, g, w, chunk=100), strict=True))

@@ -51,13 +51,16 @@ def sample_log_likelihood(module: nn.Module, x: Tensor, y: Tensor, t: Tensor) ->
     return F.log_softmax(module(x, t), dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
 
 
-def _linear_sq_grads(layer: nn.Linear, a: Tensor, g: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+def _linear_sq_grads(layer: nn.Linear, a: Tensor, g: Tensor, w: Tensor, chunk: int = 32) -> tuple[Tensor, Tensor]:
     if a.dim() == 2:
         wg2 = w.unsqueeze(1) * g.pow(2)
         return wg2.t() @ a.pow(2), wg2.sum(0)
     a, g = a.flatten(1, -2), g.flatten(1, -2)  # (B, positions, features): sum over positions, then square
-    per_sample = torch.einsum("bpo,bpi->boi", g, a)
-    return (w.view(-1, 1, 1) * per_sample.pow(2)).sum(0), (w.unsqueeze(1) * g.sum(1).pow(2)).sum(0)
+    weight = torch.zeros_like(layer.weight, dtype=g.dtype)
+    for s in range(0, a.shape[0], chunk):  # a chunk's per-sample gradients of this one layer at a time
+        per_sample = torch.einsum("bpo,bpi->boi", g[s:s + chunk], a[s:s + chunk])
+        weight += (w[s:s + chunk].view(-1, 1, 1) * per_sample.pow(2)).sum(0)
+    return weight, (w.unsqueeze(1) * g.sum(1).pow(2)).sum(0)
 
 
 def _conv_sq_grads(layer: nn.Conv2d, a: Tensor, g: Tensor, w: Tensor, chunk: int = 32) -> tuple[Tensor, Tensor]:
