@@ -85,6 +85,9 @@ class ContinualModule(L.LightningModule):
         self.num_tasks: int | None = None
         self.register_buffer("current_task", torch.tensor(0))
         self._eval_counts: Tensor | None = None
+        # Input pipelines from the data module (see ``setup``); plain attributes, not submodules.
+        object.__setattr__(self, "_train_pipeline", None)
+        object.__setattr__(self, "_eval_pipeline", None)
         self.eval_accuracy: list[float] = []
         if num_classes is not None and input_shape is not None and scenario is not None:
             self._build(num_classes, tuple(input_shape), scenario)
@@ -132,9 +135,32 @@ class ContinualModule(L.LightningModule):
             self.input_mean.copy_(torch.tensor(stream.mean).view_as(self.input_mean))
             self.input_std.copy_(torch.tensor(stream.std).view_as(self.input_std))
 
+    def setup(self, stage: str) -> None:
+        """Take the data module's input pipelines (augmentation for training, the eval transform)."""
+        super().setup(stage)
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if hasattr(datamodule, "input_pipelines"):
+            self.set_input_pipelines(*datamodule.input_pipelines())
+
+    def set_input_pipelines(self, train: Any = None, eval: Any = None) -> None:
+        """Batch callables on uint8 images: ``train`` augments every training input (new and replayed samples,
+        each replayed copy drawn afresh), ``eval`` transforms inputs in eval mode. Neither changes what replay
+        buffers store: the raw sample, as in Mammoth."""
+        object.__setattr__(self, "_train_pipeline", train)
+        object.__setattr__(self, "_eval_pipeline", eval)
+
+    def augment_inputs(self, x: Tensor) -> Tensor:
+        """The training pipeline applied to a batch of raw inputs (unchanged in eval mode or without one)."""
+        if self._train_pipeline is None or not self.training or x.is_floating_point() or x.dim() != 4:
+            return x
+        return self._train_pipeline(x)
+
     # ------------------------------------------------------------------ forward
     def preprocess(self, x: Tensor) -> Tensor:
         """uint8 images to normalised floats, on the device (cheap, and keeps loaders compact)."""
+        if self._eval_pipeline is not None and not self.training and not x.is_floating_point() and x.dim() == 4:
+            x = self._eval_pipeline(x)
         if not x.is_floating_point():  # a fresh tensor: normalise it in place
             x = x.float().div_(255.0)
             return x.sub_(self.input_mean).div_(self.input_std) if x.dim() == 4 else x
@@ -193,6 +219,9 @@ class ContinualModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         if self.intact is not None:
             self.intact.begin_step()  # observe this step's training forwards only
+        if self._train_pipeline is not None:  # augmented here; a replay strategy's caller keeps the raw batch
+            x, y, t = batch
+            batch = (self.augment_inputs(x), y, t)
         loss = self.training_loss(batch)
         if self.intact is not None:
             loss = loss + self.intact.penalty(self)

@@ -34,7 +34,7 @@ from clframe.errors import ConfigError
 from clframe.strategies.base import OPTIMIZERS, ContinualModule
 from clframe.strategies.prompt.ovor import VORConfig, synthesize_outliers, vor_loss
 from clframe.strategies.prompt.vit import PromptViT
-from clframe.strategies.replay.view_batch import crop_flip
+from clframe.data.augment import crop_flip
 
 Phase = Literal["prompt", "head", "vor"]
 
