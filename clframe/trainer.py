@@ -117,17 +117,19 @@ class StreamProgress(L.Callback):
     def __init__(self) -> None:
         self.task_id = 0
         self.rows: list[list[float]] = []
+        self.val_rows: list[list[float]] = []  # the same matrix on held-out validation data
         self.task_ended = False
         self.initial: list[float] | None = None
         self.task: Task | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "rows": self.rows, "task_ended": self.task_ended, "initial": self.initial,
-                "rng": _rng_states()}
+        return {"task_id": self.task_id, "rows": self.rows, "val_rows": self.val_rows, "task_ended": self.task_ended,
+                "initial": self.initial, "rng": _rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.task_id = state_dict["task_id"]
         self.rows = [list(r) for r in state_dict["rows"]]
+        self.val_rows = [list(r) for r in state_dict.get("val_rows", [])]
         self.task_ended = state_dict["task_ended"]
         self.initial = state_dict.get("initial")
         if "rng" in state_dict:  # dropout, augmentation: the resumed run draws what the original would have
@@ -144,6 +146,22 @@ class StreamProgress(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.end_task(trainer, pl_module)
+
+
+def restart_monitored_checkpoints(trainer: L.Trainer) -> None:
+    """Give every ``ModelCheckpoint`` that monitors a metric a fresh best-k list at a task start.
+
+    A monitored value (``val/avg_acc`` over the seen tasks, a loss) changes meaning with each task, so the
+    best of task 1 must not stop task 2 from saving its own best: each task keeps its own top-k files (name
+    them with ``{task}``, e.g. ``filename="task{task}-{val/avg_acc:.3f}"``); earlier tasks' files stay.
+    """
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "monitor", None) is None or not hasattr(cb, "best_k_models"):
+            continue
+        cb.best_k_models = {}
+        cb.kth_best_model_path, cb.best_model_path = "", ""
+        cb.best_model_score = cb.kth_value = None
+        cb.current_score = None
 
 
 class ContinualTrainer(L.Trainer):
@@ -219,7 +237,7 @@ class ContinualTrainer(L.Trainer):
             ckpt_path = self.resolve_checkpoint(ckpt_path)
         start = self._resume_point(ckpt_path) if ckpt_path is not None else 0
         if ckpt_path is None:
-            self.progress.rows, self.progress.initial = [], None
+            self.progress.rows, self.progress.val_rows, self.progress.initial = [], [], None
             if self.eval_after_task and datamodule.hparams.eval_all_tasks:
                 datamodule.set_task(0)
                 self.progress.initial = self.evaluate_seen_tasks(model, datamodule, log=False)
@@ -247,6 +265,7 @@ class ContinualTrainer(L.Trainer):
         self.progress.task, self.progress.task_id = task, task.id
         if not resuming:
             self.progress.task_ended = False
+            restart_monitored_checkpoints(self)
         model.on_task_start(task)
         for cb in self.callbacks:
             if isinstance(cb, ContinualCallback):
@@ -262,17 +281,24 @@ class ContinualTrainer(L.Trainer):
         self.progress.end_task(self, model)
         row = self.evaluate_seen_tasks(model, datamodule) if self.eval_after_task else []
         self.progress.rows.append(row)
+        if self.eval_after_task and datamodule.has_validation_data():
+            self.progress.val_rows.append(self.evaluate_seen_tasks(model, datamodule, split="val"))
         for cb in self.callbacks:
             if isinstance(cb, ContinualCallback):
                 cb.on_task_evaluated(self, model, task, row)
 
-    def evaluate_seen_tasks(self, model: ContinualModule, datamodule: ContinualDataModule, log: bool = True) -> list[float]:
-        """Test accuracy on every seen task (all tasks if the data module says so); NaN for the rest."""
+    def evaluate_seen_tasks(self, model: ContinualModule, datamodule: ContinualDataModule, log: bool = True,
+                            split: str = "test") -> list[float]:
+        """Accuracy on every seen task's ``split`` (``test`` or ``val``; all tasks if the data module says so);
+        NaN for the rest."""
         bar = self.progress_bar_callback
         if bar is not None:
             bar.disable()  # one line per task is enough; the per-loader test bars are noise
         try:
-            self.test(model, datamodule=datamodule, verbose=False)
+            if split == "val":
+                self.validate(model, datamodule=datamodule, verbose=False)
+            else:
+                self.test(model, datamodule=datamodule, verbose=False)
         finally:
             if bar is not None:
                 bar.enable()
@@ -280,9 +306,10 @@ class ContinualTrainer(L.Trainer):
         if not log:
             return row
         step = self.global_step
-        metrics = {f"eval/acc_task_{j}": a for j, a in enumerate(row) if a == a}
+        prefix = "eval/" if split == "test" else "eval/val_"
+        metrics = {f"{prefix}acc_task_{j}": a for j, a in enumerate(row) if a == a}
         seen = [a for a in row[: datamodule.current_task + 1] if a == a]
-        metrics["eval/avg_acc_seen"] = sum(seen) / max(1, len(seen))
+        metrics[f"{prefix}avg_acc_seen"] = sum(seen) / max(1, len(seen))
         metrics["task"] = datamodule.current_task
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
@@ -323,7 +350,11 @@ class ContinualTrainer(L.Trainer):
     def _finish(self, model: ContinualModule, datamodule: ContinualDataModule) -> None:
         rows = [r for r in self.progress.rows if r]
         metrics = summarize_matrix(rows, self.progress.initial) if rows else {}
-        self.continual_results = {"accuracy_matrix": rows, "initial_accuracy": self.progress.initial,
+        val_rows = [r for r in self.progress.val_rows if r]
+        if val_rows:  # select hyperparameters on these, never on the test matrix
+            metrics.update({k.replace("final/", "final/val_", 1): v for k, v in summarize_matrix(val_rows).items()})
+        self.continual_results = {"accuracy_matrix": rows, "val_accuracy_matrix": val_rows,
+                                  "initial_accuracy": self.progress.initial,
                                   "metrics": metrics, "seed": _global_seed(), "data_seed": datamodule.stream.seed,
                                   "stream": {"name": datamodule.stream.name, "scenario": datamodule.stream.scenario,
                                              "tasks": len(datamodule.stream), "signature": datamodule.stream.signature()}}
@@ -341,14 +372,17 @@ class ContinualTrainer(L.Trainer):
     @rank_zero_only
     def _write_results(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        rows = self.continual_results["accuracy_matrix"]
-        if rows:
-            with open(out / "accuracy_matrix.csv", "w") as f:
-                f.write("after_task," + ",".join(f"task_{j}" for j in range(len(rows[0]))) + "\n")
-                for i, row in enumerate(rows):
-                    f.write(f"{i}," + ",".join("" if a != a else f"{a:.6f}" for a in row) + "\n")
+        for name in ("accuracy_matrix", "val_accuracy_matrix"):
+            rows = self.continual_results.get(name) or []
+            if rows:
+                with open(out / f"{name}.csv", "w") as f:
+                    f.write("after_task," + ",".join(f"task_{j}" for j in range(len(rows[0]))) + "\n")
+                    for i, row in enumerate(rows):
+                        f.write(f"{i}," + ",".join("" if a != a else f"{a:.6f}" for a in row) + "\n")
         tmp = out / "results.json.tmp"
-        clean = {**self.continual_results, "accuracy_matrix": [[None if a != a else a for a in r] for r in rows]}
+        clean = {**self.continual_results,
+                 **{name: [[None if a != a else a for a in r] for r in self.continual_results.get(name) or []]
+                    for name in ("accuracy_matrix", "val_accuracy_matrix")}}
         tmp.write_text(json.dumps(clean, indent=2))
         os.replace(tmp, out / "results.json")
 

@@ -263,6 +263,10 @@ class ContinualDataModule(L.LightningDataModule):
         tasks = self.stream.tasks
         return tasks if self.hparams.eval_all_tasks else tasks[: self.current_task + 1]
 
+    def has_validation_data(self) -> bool:
+        """Whether the tasks hold validation splits (``val_fraction > 0``, or a stream built with them)."""
+        return any(t.val is not None and len(t.val) > 0 for t in self.stream.tasks)
+
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(t.val) for t in self._eval_tasks() if t.val is not None]
 

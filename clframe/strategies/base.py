@@ -302,6 +302,7 @@ class ContinualModule(L.LightningModule):
         seen = [a for a in acc if a == a]
         if seen:
             self.log("val/avg_acc", sum(seen) / len(seen), prog_bar=True, sync_dist=False)
+            self.log("task", float(self.current_task), sync_dist=False)  # for checkpoint file names: {task}
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
