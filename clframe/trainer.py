@@ -38,6 +38,7 @@ from clframe.errors import CheckpointError, ConfigError
 from clframe.loggers import log_stream_to_wandb
 from clframe.metrics.matrix import summarize_matrix
 from clframe.metrics.summary import format_results
+from clframe.metrics.task_accuracy import per_class_accuracy
 from clframe.strategies.base import ContinualModule
 
 
@@ -121,6 +122,7 @@ class StreamProgress(L.Callback):
         self.task_ended = False
         self.initial: list[float] | None = None
         self.task: Task | None = None
+        self.confusions: dict[int, torch.Tensor] = {}  # after task i: the test confusion matrix (not checkpointed)
 
     def state_dict(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "rows": self.rows, "val_rows": self.val_rows, "task_ended": self.task_ended,
@@ -281,6 +283,8 @@ class ContinualTrainer(L.Trainer):
         self.progress.end_task(self, model)
         row = self.evaluate_seen_tasks(model, datamodule) if self.eval_after_task else []
         self.progress.rows.append(row)
+        if self.eval_after_task:
+            self._log_class_results(model, task.id)
         if self.eval_after_task and datamodule.has_validation_data():
             self.progress.val_rows.append(self.evaluate_seen_tasks(model, datamodule, split="val"))
         for cb in self.callbacks:
@@ -314,6 +318,18 @@ class ContinualTrainer(L.Trainer):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
         return row
+
+    def _log_class_results(self, model: ContinualModule, after_task: int) -> None:
+        """Per-class accuracy (``eval/class_acc_<c>``) from the task-end test pass, and its confusion matrix
+        kept for ``results.json``-side files (``confusion_matrix_task<i>.csv``, ``confusion_matrix.png``)."""
+        confusion = model.eval_confusion
+        if confusion is None:
+            return
+        self.progress.confusions[after_task] = confusion
+        acc = per_class_accuracy(confusion)
+        metrics = {f"eval/class_acc_{c}": float(a) for c, a in enumerate(acc.tolist()) if a == a}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
     def resolve_checkpoint(self, ckpt_path: str | Path) -> Path:
         """A checkpoint path, or ``"last"``: the newest ``last*.ckpt`` of the checkpoint callbacks' folders
@@ -379,12 +395,34 @@ class ContinualTrainer(L.Trainer):
                     f.write("after_task," + ",".join(f"task_{j}" for j in range(len(rows[0]))) + "\n")
                     for i, row in enumerate(rows):
                         f.write(f"{i}," + ",".join("" if a != a else f"{a:.6f}" for a in row) + "\n")
+        self._write_class_results(out)
         tmp = out / "results.json.tmp"
         clean = {**self.continual_results,
                  **{name: [[None if a != a else a for a in r] for r in self.continual_results.get(name) or []]
                     for name in ("accuracy_matrix", "val_accuracy_matrix")}}
         tmp.write_text(json.dumps(clean, indent=2))
         os.replace(tmp, out / "results.json")
+
+    def _write_class_results(self, out: Path) -> None:
+        """``per_class_accuracy.csv`` (a row per finished task), one confusion-matrix CSV per task end and a
+        plot of the last one."""
+        confusions = self.progress.confusions
+        if not confusions:
+            return
+        n = next(iter(confusions.values())).shape[0]
+        with open(out / "per_class_accuracy.csv", "w") as f:
+            f.write("after_task," + ",".join(f"class_{c}" for c in range(n)) + "\n")
+            for i, conf in sorted(confusions.items()):
+                acc = per_class_accuracy(conf).tolist()
+                f.write(f"{i}," + ",".join("" if a != a else f"{a:.6f}" for a in acc) + "\n")
+        for i, conf in confusions.items():
+            np.savetxt(out / f"confusion_matrix_task{i}.csv", conf.long().numpy(), fmt="%d", delimiter=",",
+                       header="rows: true class, columns: predicted class")
+        from clframe.callbacks.plots import plot_confusion_matrix
+
+        last = max(confusions)
+        plot_confusion_matrix(confusions[last].numpy(), out / "confusion_matrix.png",
+                              title=f"Test confusion matrix after task {last}")
 
     @rank_zero_only
     def _print_results(self) -> None:

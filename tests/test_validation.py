@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from clframe import ER, ContinualDataModule, ContinualTrainer
@@ -46,3 +48,18 @@ def test_a_monitored_checkpoint_keeps_the_best_of_every_task(tmp_path):
     _fit(tmp_path, callbacks=[ckpt], budget={"epochs_per_task": 1}, val_fraction=0.2)  # validation at epoch ends
     names = sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt"))
     assert [n.split("-")[0] for n in names] == ["task0", "task1", "task2"], names
+
+
+def test_per_class_accuracy_sums_to_the_task_accuracy(tmp_path):
+    import numpy as np
+
+    trainer = _fit(tmp_path)
+    out = tmp_path / "lightning_logs" / "version_0"
+    row = trainer.continual_results["accuracy_matrix"][-1]
+    confusion = np.loadtxt(out / "confusion_matrix_task2.csv", delimiter=",")
+    support = confusion.sum(1)
+    per_class = np.genfromtxt(out / "per_class_accuracy.csv", delimiter=",", skip_header=1)[-1, 1:]
+    for task, classes in enumerate([[0, 1], [2, 3], [4, 5]]):
+        weighted = sum(per_class[c] * support[c] for c in classes) / sum(support[c] for c in classes)
+        assert weighted == pytest.approx(row[task], abs=1e-6)  # the CSV keeps 6 decimals
+    assert (out / "confusion_matrix.png").is_file()

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from clframe.data.stream import Batch, Task, TaskStream
 from clframe.errors import ConfigError, NonFiniteLossError
+from clframe.metrics.task_accuracy import TaskAccuracy
 from clframe.models.factory import create_backbone
 from clframe.strategies.intact import InTAct, InTActConfig
 
@@ -84,7 +85,9 @@ class ContinualModule(L.LightningModule):
         self.intact: InTAct | None = None
         self.num_tasks: int | None = None
         self.register_buffer("current_task", torch.tensor(0))
-        self._eval_counts: Tensor | None = None
+        self._task_accuracy: TaskAccuracy | None = None
+        self._confusion: Any = None
+        self.eval_confusion: Tensor | None = None  # (classes x classes) of the last test pass
         # Input pipelines from the data module (see ``setup``); plain attributes, not submodules.
         object.__setattr__(self, "_train_pipeline", None)
         object.__setattr__(self, "_eval_pipeline", None)
@@ -267,19 +270,33 @@ class ContinualModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self) -> None:
-        self._eval_counts = torch.zeros(2, self.num_tasks or len(self.class_task), device=self.device)
+        """Fresh torchmetrics counters (kept out of the module tree: no checkpoint keys, no DDP buffers)."""
+        accuracy = TaskAccuracy(self.num_tasks or len(self.class_task)).to(self.device)
+        object.__setattr__(self, "_task_accuracy", accuracy)
+        confusion = None
+        if self._trainer is not None and self.trainer.testing:  # per-class results at task ends, not every val epoch
+            from torchmetrics.classification import MulticlassConfusionMatrix
+
+            confusion = MulticlassConfusionMatrix(len(self.class_task), validate_args=False).to(self.device)
+        object.__setattr__(self, "_confusion", confusion)
+
+    def record_predictions(self, preds: Tensor, y: Tensor, t: Tensor, correct: Tensor | None = None) -> None:
+        """Count one evaluation batch: predicted classes, labels, task ids (``correct`` overrides
+        ``preds == y``, e.g. when a wrong inferred task makes a right class count as wrong)."""
+        self._task_accuracy.update(preds == y if correct is None else correct, t)
+        if self._confusion is not None:
+            self._confusion.update(preds, y)
 
     def _eval_step(self, batch: Batch) -> None:
         x, y, t = batch
-        correct = (self(x, t).argmax(1) == y).to(self._eval_counts.dtype)
-        self._eval_counts.index_add_(1, t, torch.stack([correct, torch.ones_like(correct)]))  # no host sync
+        self.record_predictions(self(x, t).argmax(1), y, t)
 
     def _eval_end(self) -> list[float]:
-        """Accuracy per task from the (correct, seen) counts, summed over the ranks: under DDP each rank
-        evaluates its own shard of the test data, so counts are added, never per-rank accuracies averaged."""
-        counts = self._eval_counts = self.trainer.strategy.reduce(self._eval_counts, reduce_op="sum")
-        acc = torch.where(counts[1] > 0, counts[0] / counts[1].clamp(min=1), torch.nan)
-        self.eval_accuracy = acc.tolist()
+        """Accuracy per task from the (correct, seen) counts, summed over the ranks (torchmetrics' sync):
+        under DDP each rank evaluates its own shard, so counts are added, never per-rank accuracies averaged."""
+        self.eval_accuracy = self._task_accuracy.compute().tolist()
+        if self._confusion is not None:
+            self.eval_confusion = self._confusion.compute().cpu()
         return self.eval_accuracy
 
     def on_test_epoch_start(self) -> None:
