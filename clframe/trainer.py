@@ -105,6 +105,10 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
     logging.getLogger(_name).addFilter(_TaskBudgetFilter())
 
 
+MATRICES = ("accuracy_matrix", "val_accuracy_matrix", "task_il_accuracy_matrix")
+"""The accuracy matrices a run may write: test, held-out validation, test scored per task (class-IL runs)."""
+
+
 class StreamProgress(L.Callback):
     """Where the stream is (task pointer, accuracy rows, whether the task's end hooks ran).
 
@@ -119,19 +123,22 @@ class StreamProgress(L.Callback):
         self.task_id = 0
         self.rows: list[list[float]] = []
         self.val_rows: list[list[float]] = []  # the same matrix on held-out validation data
+        self.til_rows: list[list[float]] = []  # class-IL runs with report_task_il: test scored per task
         self.task_ended = False
         self.initial: list[float] | None = None
         self.task: Task | None = None
         self.confusions: dict[int, torch.Tensor] = {}  # after task i: the test confusion matrix (not checkpointed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "rows": self.rows, "val_rows": self.val_rows, "task_ended": self.task_ended,
+        return {"task_id": self.task_id, "rows": self.rows, "val_rows": self.val_rows, "til_rows": self.til_rows,
+                "task_ended": self.task_ended,
                 "initial": self.initial, "rng": _rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.task_id = state_dict["task_id"]
         self.rows = [list(r) for r in state_dict["rows"]]
         self.val_rows = [list(r) for r in state_dict.get("val_rows", [])]
+        self.til_rows = [list(r) for r in state_dict.get("til_rows", [])]
         self.task_ended = state_dict["task_ended"]
         self.initial = state_dict.get("initial")
         if "rng" in state_dict:  # dropout, augmentation: the resumed run draws what the original would have
@@ -239,7 +246,8 @@ class ContinualTrainer(L.Trainer):
             ckpt_path = self.resolve_checkpoint(ckpt_path)
         start = self._resume_point(ckpt_path) if ckpt_path is not None else 0
         if ckpt_path is None:
-            self.progress.rows, self.progress.val_rows, self.progress.initial = [], [], None
+            self.progress.rows, self.progress.val_rows, self.progress.til_rows = [], [], []
+            self.progress.initial = None
             if self.eval_after_task and datamodule.hparams.eval_all_tasks:
                 datamodule.set_task(0)
                 self.progress.initial = self.evaluate_seen_tasks(model, datamodule, log=False)
@@ -285,6 +293,9 @@ class ContinualTrainer(L.Trainer):
         self.progress.rows.append(row)
         if self.eval_after_task:
             self._log_class_results(model, task.id)
+            if model.eval_accuracy_task_il is not None:
+                til = model.eval_accuracy_task_il
+                self.progress.til_rows.append(til + [math.nan] * (len(datamodule.stream) - len(til)))
         if self.eval_after_task and datamodule.has_validation_data():
             self.progress.val_rows.append(self.evaluate_seen_tasks(model, datamodule, split="val"))
         for cb in self.callbacks:
@@ -369,7 +380,11 @@ class ContinualTrainer(L.Trainer):
         val_rows = [r for r in self.progress.val_rows if r]
         if val_rows:  # select hyperparameters on these, never on the test matrix
             metrics.update({k.replace("final/", "final/val_", 1): v for k, v in summarize_matrix(val_rows).items()})
+        til_rows = [r for r in self.progress.til_rows if r]
+        if til_rows:
+            metrics.update({k.replace("final/", "final/til_", 1): v for k, v in summarize_matrix(til_rows).items()})
         self.continual_results = {"accuracy_matrix": rows, "val_accuracy_matrix": val_rows,
+                                  "task_il_accuracy_matrix": til_rows,
                                   "initial_accuracy": self.progress.initial,
                                   "metrics": metrics, "seed": _global_seed(), "data_seed": datamodule.stream.seed,
                                   "stream": {"name": datamodule.stream.name, "scenario": datamodule.stream.scenario,
@@ -388,7 +403,7 @@ class ContinualTrainer(L.Trainer):
     @rank_zero_only
     def _write_results(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("accuracy_matrix", "val_accuracy_matrix"):
+        for name in MATRICES:
             rows = self.continual_results.get(name) or []
             if rows:
                 with open(out / f"{name}.csv", "w") as f:
@@ -399,7 +414,7 @@ class ContinualTrainer(L.Trainer):
         tmp = out / "results.json.tmp"
         clean = {**self.continual_results,
                  **{name: [[None if a != a else a for a in r] for r in self.continual_results.get(name) or []]
-                    for name in ("accuracy_matrix", "val_accuracy_matrix")}}
+                    for name in MATRICES}}
         tmp.write_text(json.dumps(clean, indent=2))
         os.replace(tmp, out / "results.json")
 

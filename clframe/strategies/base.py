@@ -52,6 +52,9 @@ class ContinualModule(L.LightningModule):
             host sync per step on a GPU; turn off for the last bit of speed).
         intact: carry the InTAct regulariser (activation boxes per task; see
             :mod:`clframe.strategies.intact`), with any strategy.
+        report_task_il: in a class-incremental stream, also score every test pass with the logits masked
+            to each sample's task (the DER paper's Task-IL numbers come from the class-IL run scored this
+            way): a second matrix ``task_il_accuracy_matrix`` and ``final/til_*`` metrics.
     """
 
     train_scope: Literal["current", "seen", "all"] = "current"
@@ -71,6 +74,7 @@ class ContinualModule(L.LightningModule):
         mask_unseen_classes: bool = True,
         check_finite_loss: bool = True,
         intact: InTActConfig | None = None,
+        report_task_il: bool = False,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -88,6 +92,8 @@ class ContinualModule(L.LightningModule):
         self._task_accuracy: TaskAccuracy | None = None
         self._confusion: Any = None
         self.eval_confusion: Tensor | None = None  # (classes x classes) of the last test pass
+        self._task_il_accuracy: TaskAccuracy | None = None
+        self.eval_accuracy_task_il: list[float] | None = None  # with report_task_il, the last test pass
         # Input pipelines from the data module (see ``setup``); plain attributes, not submodules.
         object.__setattr__(self, "_train_pipeline", None)
         object.__setattr__(self, "_eval_pipeline", None)
@@ -279,6 +285,10 @@ class ContinualModule(L.LightningModule):
 
             confusion = MulticlassConfusionMatrix(len(self.class_task), validate_args=False).to(self.device)
         object.__setattr__(self, "_confusion", confusion)
+        til = None
+        if self.hparams.get("report_task_il") and self.scenario == "class" and confusion is not None:
+            til = TaskAccuracy(accuracy.num_tasks).to(self.device)
+        object.__setattr__(self, "_task_il_accuracy", til)
 
     def record_predictions(self, preds: Tensor, y: Tensor, t: Tensor, correct: Tensor | None = None) -> None:
         """Count one evaluation batch: predicted classes, labels, task ids (``correct`` overrides
@@ -289,7 +299,11 @@ class ContinualModule(L.LightningModule):
 
     def _eval_step(self, batch: Batch) -> None:
         x, y, t = batch
-        self.record_predictions(self(x, t).argmax(1), y, t)
+        logits = self(x, t)
+        self.record_predictions(logits.argmax(1), y, t)
+        if self._task_il_accuracy is not None:  # the same outputs, restricted to the sample's own task
+            own = self.class_task.unsqueeze(0) == t.unsqueeze(1)
+            self._task_il_accuracy.update(logits.masked_fill(~own, torch.finfo(logits.dtype).min).argmax(1) == y, t)
 
     def _eval_end(self) -> list[float]:
         """Accuracy per task from the (correct, seen) counts, summed over the ranks (torchmetrics' sync):
@@ -297,6 +311,8 @@ class ContinualModule(L.LightningModule):
         self.eval_accuracy = self._task_accuracy.compute().tolist()
         if self._confusion is not None:
             self.eval_confusion = self._confusion.compute().cpu()
+        if self._task_il_accuracy is not None:
+            self.eval_accuracy_task_il = self._task_il_accuracy.compute().tolist()
         return self.eval_accuracy
 
     def on_test_epoch_start(self) -> None:
