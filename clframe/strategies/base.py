@@ -308,11 +308,11 @@ class ContinualModule(L.LightningModule):
     def _eval_end(self) -> list[float]:
         """Accuracy per task from the (correct, seen) counts, summed over the ranks (torchmetrics' sync):
         under DDP each rank evaluates its own shard, so counts are added, never per-rank accuracies averaged."""
-        self.eval_accuracy = self._task_accuracy.compute().tolist()
+        self.eval_accuracy = self._task_accuracy.compute().reshape(-1).tolist()  # torchmetrics squeezes 1 task
         if self._confusion is not None:
             self.eval_confusion = self._confusion.compute().cpu()
         if self._task_il_accuracy is not None:
-            self.eval_accuracy_task_il = self._task_il_accuracy.compute().tolist()
+            self.eval_accuracy_task_il = self._task_il_accuracy.compute().reshape(-1).tolist()
         return self.eval_accuracy
 
     def on_test_epoch_start(self) -> None:
