@@ -283,7 +283,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path):
 @pytest.mark.slow
 def test_sigterm_ends_the_clframe_process_with_status_143(tmp_path):
     cmd = [sys.executable, "-m", "clframe.cli", "fit", f"--trainer.default_root_dir={tmp_path}", "--data.n_tasks=2",
-           "--trainer.enable_progress_bar=false", "--trainer.callbacks+=ModelCheckpoint",
+           "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=true", "--trainer.callbacks+=ModelCheckpoint",
            f"--trainer.callbacks.dirpath={tmp_path / 'ck'}", "--trainer.callbacks.save_last=true",
            "--trainer.callbacks.every_n_train_steps=50", "--trainer.callbacks+=tests.helpers.signals.SignalAtStep",
            "--trainer.callbacks.step=7"]
@@ -295,3 +295,47 @@ def test_sigterm_ends_the_clframe_process_with_status_143(tmp_path):
     proc = subprocess.run(cmd[:-2] + ["--ckpt_path=last"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list(tmp_path.rglob("results.json"))
+
+
+# ------------------------------------------------------------------ every family under the allow-list
+def _family(name: str):
+    from clframe.strategies import L2P, WSN, DERpp, GeRe, ICaRL, LwF, SupSup
+    from clframe.strategies.interval import HyperInterval
+
+    vit = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 16, "num_heads": 2, "mlp_ratio": 2.0}
+    small = {"backbone_kwargs": {"hidden_sizes": [16, 16]}}
+    return {
+        "ER": lambda: (ER(buffer_size=30), {}),
+        "DERpp": lambda: (DERpp(buffer_size=30), {}),
+        "iCaRL": lambda: (ICaRL(buffer_size=30), {}),
+        "GeRe": lambda: (GeRe(backbone="mlp", general={"source": "digits", "n": 32}, general_classes=10), {}),
+        "EWC": lambda: (EWC(), {}),
+        "LwF": lambda: (LwF(), {}),
+        "SupSup": lambda: (SupSup(**small), {"scenario": "task"}),
+        "WSN": lambda: (WSN(keep_best=True, **small), {"scenario": "task", "val_fraction": 0.2}),
+        "HyperInterval": lambda: (HyperInterval(backbone_kwargs={"hidden_sizes": [8]}, hnet_hidden=[8], embedding_dim=4),
+                                  {"scenario": "task"}),
+        "L2P": lambda: (L2P(backbone="vit_tiny_patch16_224", pretrained=False, backbone_kwargs=vit, pool_size=4,
+                            prompt_length=2, top_k=2), {}),
+        "InTAct": lambda: (ER(buffer_size=30, intact={"lambda_var": 0.01, "lambda_int": 1.0, "lambda_feat": 1.0}), {}),
+    }[name]()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ER", "DERpp", "iCaRL", "GeRe", "EWC", "LwF", "SupSup", "WSN", "HyperInterval", "L2P",
+                                  "InTAct"])
+def test_every_family_saves_checkpoints_that_load_safely_and_resume(tmp_path, name):
+    model, data_kw = _family(name)
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    trainer = ContinualTrainer(epochs_per_task=2, logger=False, callbacks=[ckpt], default_root_dir=tmp_path,
+                               **{**QUIET_TRAINER, "enable_checkpointing": True})
+    trainer.fit(model, datamodule=_data(**data_kw))
+    files = sorted((tmp_path / "ck").glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))
+    for f in files:
+        assert verify_checkpoint(f) and "clframe_run" in load_checkpoint(f)  # sealed, and no type beyond the allow-list
+    L.seed_everything(0)
+    model2, _ = _family(name)
+    resumed = ContinualTrainer(epochs_per_task=2, logger=False, default_root_dir=tmp_path / "r", **QUIET_TRAINER)
+    resumed.fit(model2, datamodule=_data(**data_kw), ckpt_path=files[len(files) // 2])
+    assert len(resumed.accuracy_matrix) == 2 and resumed.global_step == trainer.global_step

@@ -82,7 +82,7 @@ def check_same_run(path: str | Path, checkpoint: Mapping[str, Any], now: Mapping
         raise CheckpointError(
             f"checkpoint {path} was written by a run configured differently, so resuming would not continue the "
             f"same run. Differences (checkpoint -> now): {'; '.join(diff)}. Resume with the checkpoint's settings "
-            "(the run's config.yaml), or, for a change you mean to make, name the keys: "
+            "(the run's config.yaml) or start again without --ckpt_path; for a change you mean to make, name the keys: "
             f"--trainer.allow_changed=[{', '.join(d.split(':')[0] for d in diff)}] "
             "(Python: ContinualTrainer(allow_changed=[...]))."
         )

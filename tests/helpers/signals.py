@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 
 import lightning as L
 
 
 class SignalAtStep(L.Callback):
-    def __init__(self, step: int, sig: int = signal.SIGTERM) -> None:
+    def __init__(self, step: int, sig: int = 15) -> None:
         self.step, self.sig = step, sig
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
