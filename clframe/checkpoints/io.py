@@ -124,14 +124,16 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", trust: bool = F
         with torch.serialization.safe_globals(safe_types()):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        found = re.search(r"(?:Unsupported global|Unsupported operand|unsupported)[^\n]*", str(err))
-        if "Weights only load failed" in str(err) and found and "GLOBAL" in found.group(0):
-            what = found.group(0).split("GLOBAL", 1)[1].split()[0]
+        if found := re.search(r"GLOBAL ([\w.]+)", str(err)):
+            what = found.group(1)
             raise CheckpointError(
                 f"refusing to load {path}: it holds a Python object ({what}) that unpickling would run code to "
-                f"rebuild, and clframe checkpoints never need one. {TRUST_HINT}") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(err)}); it may be corrupt "
-                              "or not a checkpoint file.") from None
+                "rebuild, and clframe loads checkpoints without running code (a plain config class of your own "
+                f"can be allowed with torch.serialization.add_safe_globals). {TRUST_HINT}") from None
+        detail = [line for line in str(err).splitlines() if line.strip()][1:2] or [_first_line(err)]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({detail[0].strip()}); it may be corrupt, not a "
+                              f"checkpoint file, or hold data that loading without running code refuses. "
+                              f"{TRUST_HINT}") from None
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, IndexError, struct.error) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt or not a checkpoint file: "
                               f"{_first_line(err)}); resume from an earlier checkpoint, or start again.") from None
