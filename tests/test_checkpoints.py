@@ -280,6 +280,22 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path):
         assert not isinstance(x, torch.Tensor) or torch.equal(x, y), name
 
 
+def test_sigterm_saves_last_ckpt_even_without_save_last(tmp_path):
+    def run(ckpt_path=None, *callbacks):
+        L.seed_everything(0)
+        trainer = ContinualTrainer(epochs_per_task=2, logger=False, default_root_dir=tmp_path,
+                                   callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck"), *callbacks],
+                                   **{**QUIET_TRAINER, "enable_checkpointing": True})
+        trainer.fit(ER(buffer_size=30), datamodule=_data(), ckpt_path=ckpt_path)
+        return trainer
+
+    with pytest.raises(SystemExit) as exit_:
+        run(None, SignalAtStep(3))
+    assert exit_.value.code == 143
+    assert load_checkpoint(tmp_path / "ck" / "last.ckpt")["global_step"] == 3
+    np.testing.assert_array_equal(run("last").accuracy_matrix, run().accuracy_matrix)
+
+
 @pytest.mark.slow
 def test_sigterm_ends_the_clframe_process_with_status_143(tmp_path):
     cmd = [sys.executable, "-m", "clframe.cli", "fit", f"--trainer.default_root_dir={tmp_path}", "--data.n_tasks=2",
