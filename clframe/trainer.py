@@ -32,7 +32,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from clframe.callbacks.base import ContinualCallback
 from clframe.callbacks.progress import default_task_progress_bar
-from clframe.checkpoints import checkpoint_kwargs, check_same_run, load_checkpoint, newest_of_this_run, run_identity
+from clframe.checkpoints import (
+    check_same_run,
+    checkpoint_kwargs,
+    load_checkpoint,
+    newest_of_this_run,
+    run_identity,
+)
 from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
