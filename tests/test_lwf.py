@@ -95,7 +95,7 @@ class WeightsAtTrainStart(L.Callback):
                                    if not n.startswith("teacher.")})
 
 
-def test_warm_up_trains_only_the_new_head_rows() -> None:
+def test_warm_up_trains_only_the_new_head_rows(tmp_path) -> None:
     L.seed_everything(0, verbose=False)
     data = ContinualDataModule(source="digits", n_tasks=2, batch_size=32)
     model = LwF(backbone="mlp", backbone_kwargs={"hidden_sizes": [16]}, lr=0.1, warmup_epochs=2)
@@ -105,7 +105,8 @@ def test_warm_up_trains_only_the_new_head_rows() -> None:
         def on_train_start(self, trainer, pl_module) -> None:
             self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters() if not n.startswith("teacher.")}
     capture = Capture()
-    trainer = ContinualTrainer(epochs_per_task=1, logger=False, callbacks=[probe, capture], **QUIET_TRAINER)
+    trainer = ContinualTrainer(epochs_per_task=1, logger=False, callbacks=[probe, capture], default_root_dir=tmp_path,
+                               **QUIET_TRAINER)
     trainer.fit(model, datamodule=data)
     before, after = capture.before, probe.snapshots[1]  # task 1: callback hooks run before the module's warm-up
     new = (model.class_task == 1).nonzero().squeeze(1)
@@ -118,12 +119,13 @@ def test_warm_up_trains_only_the_new_head_rows() -> None:
     assert int(model.warmed_up_task) == 1
 
 
-def test_no_warm_up_when_turned_off() -> None:
+def test_no_warm_up_when_turned_off(tmp_path) -> None:
     L.seed_everything(0, verbose=False)
     data = ContinualDataModule(source="digits", n_tasks=2, batch_size=32)
     model = LwF(backbone="mlp", backbone_kwargs={"hidden_sizes": [16]}, lr=0.1, warmup_epochs=0)
     probe = WeightsAtTrainStart()
-    trainer = ContinualTrainer(epochs_per_task=1, logger=False, callbacks=[probe], **QUIET_TRAINER)
+    trainer = ContinualTrainer(epochs_per_task=1, logger=False, callbacks=[probe], default_root_dir=tmp_path,
+                               **QUIET_TRAINER)
     trainer.fit(model, datamodule=data)
     teacher = dict(model.teacher.named_parameters())
     assert torch.equal(teacher["head.weight"], probe.snapshots[1]["head.weight"])
