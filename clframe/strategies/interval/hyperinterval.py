@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from clframe.callbacks.base import ContinualCallback
 from clframe.data.stream import Batch, Task, TaskStream
 from clframe.metrics.matrix import backward_transfer
+from clframe.models.factory import check_kwargs
 from clframe.strategies.base import OPTIMIZERS, ContinualModule
 from clframe.strategies.interval import ibp
 from clframe.strategies.interval.hypernet import TARGETS, HyperNetwork
@@ -169,6 +170,8 @@ class HyperInterval(ContinualModule):
         h = self.hparams
         if h.n_embeddings is None or h.outputs_per_task is None:
             raise ValueError("HyperInterval built before it sees the stream needs n_embeddings and outputs_per_task")
+        check_kwargs(f"target network {self._backbone_spec!r}", TARGETS[self._backbone_spec], h.backbone_kwargs or {},
+                     skip=("input_shape", "num_outputs"))
         target = TARGETS[self._backbone_spec](input_shape, h.outputs_per_task, **(h.backbone_kwargs or {}))
         hnet = HyperNetwork(target.num_params, h.embedding_dim, h.hnet_hidden, h.chunk_size, h.chunk_emb_dim)
         return target, hnet
