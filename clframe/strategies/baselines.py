@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -133,6 +134,10 @@ class LwF(ContinualModule):
     """
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0, **kwargs: Any) -> None:
+        if not math.isfinite(temperature) or temperature <= 0:  # softmax(z / 0) is NaN at the first distillation step
+            raise ConfigError(f"LwF temperature must be a positive number (the paper uses 2), got {temperature}")
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ConfigError(f"LwF alpha (distillation weight) must be non-negative, got {alpha}")
         super().__init__(**kwargs)
         self.teacher: nn.Module | None = None
 
