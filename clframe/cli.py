@@ -47,7 +47,7 @@ class ClframeArgumentParser(LightningArgumentParser):
             message = explain_parser_error(message, getattr(ex, "subcommand_parser", None) or self)
             if not debug_requested():  # the message alone, not 75 lines of usage before it
                 self._logger.error(message)
-                sys.stderr.write(f"tip: `{self.prog.replace(' [options]', '')} --help` lists every option\nerror: {message}\n")
+                sys.stderr.write(f"tip: `clframe fit --help` lists every option\nerror: {message}\n")
                 self.exit(2)
         super().error(message, ex)
 
@@ -70,6 +70,8 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
     head = re.match(r'Parser key "([\w.]+)":', message)
     key = head.group(1) if head else None
     names = list(catalog.strategies())
+    if explained := _explain_value_error(message, key):
+        return explained
     if m := re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message):
         cls = _strategy_class(m.group(1))
         options = catalog.init_options(cls) if cls is not None else []
@@ -103,6 +105,28 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
     if key and (m := re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)):
         return f"{key}: expected {m.group(1)}, got {m.group(2).strip()!r}"
     return message
+
+
+_CLASS_EXAMPLES = {"Logger": "CSVLogger, TensorBoardLogger, WandbLogger",
+                   "Callback": "ModelCheckpoint, clframe.callbacks.ContinualEvaluation",
+                   "ContinualModule": "ER, EWC, LwF, ... (clframe fit --help lists them)"}
+
+
+def _explain_value_error(message: str, key: str | None) -> str | None:
+    """Two shapes jsonargparse words badly: a non-finite number, and a class that is not of the wanted kind."""
+    nested = re.search(r"class_path '([\w.]+)':\s*\n\s*Parser key \"([\w.]+)\"", message)
+    where = f"{key or 'model'}.init_args.{nested.group(2)} ({nested.group(1)})" if nested else key
+    if where and (m := re.search(r"(?:Given|Got) value: ([-+]?(?:nan|inf(?:inity)?))\s*$", message, re.I | re.M)):
+        return f"{where}: {m.group(1)} is not allowed; give a finite number"
+    base = re.search(r"Import path does not correspond to a subclass of (\w+)", message)
+    wanted = re.search(r"Expected a dot import path string: (\S+)", message)
+    if key and (key.startswith("trainer.") or (key == "model" and base)) and (base or wanted):
+        value = re.search(r"'class_path': '([^']+)'|Given value: (\S+)\s*$", message, re.M)
+        name = next((g for g in value.groups() if g), "?") if value else "?"
+        kind = base.group(1) if base else ("Logger" if key.endswith("logger") else "Callback")
+        return (f"{key}: {name!r} is not a {kind} class that can be imported; give a {kind} class name or import "
+                f"path (e.g. {_CLASS_EXAMPLES.get(kind, kind)})")
+    return None
 
 
 class ContinualCLI(LightningCLI):

@@ -119,6 +119,9 @@ class ContinualDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if batch_size < 1 or eval_batch_size < 1:
             raise ScenarioError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        if num_workers < 0:
+            raise ScenarioError(f"num_workers must be 0 (load in the main process) or a positive number of loader "
+                                f"processes, got {num_workers}")
         if views_per_sample < 1 or batch_size % views_per_sample:
             raise ScenarioError(f"views_per_sample ({views_per_sample}) must be positive and divide batch_size "
                                 f"({batch_size}): every batch holds batch_size / views_per_sample samples x their views")

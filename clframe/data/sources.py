@@ -100,7 +100,7 @@ def guard_std(std: Sequence[float], where: str) -> tuple[float, ...]:
     if constant:
         warnings.warn(f"{where}: channel(s) {constant} are constant (std {[out[c] for c in constant]}); they are "
                       "left unscaled (std 1) instead of divided by ~0. Check the images if this is unexpected.",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=2)
     return tuple(1.0 if c in constant else v for c, v in enumerate(out))
 
 
