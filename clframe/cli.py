@@ -118,6 +118,19 @@ def _explain_value_error(message: str, key: str | None) -> str | None:
     where = f"{key or 'model'}.init_args.{nested.group(2)} ({nested.group(1)})" if nested else key
     if where and (m := re.search(r"(?:Given|Got) value: ([-+]?(?:nan|inf(?:inity)?))\s*$", message, re.I | re.M)):
         return f"{where}: {m.group(1)} is not allowed; give a finite number"
+    if (m := re.match(r"Unexpected config:\s*(.*)", message, re.S)) is not None:
+        what = "is empty" if not m.group(1).strip() else f"is not a mapping of options (it starts {m.group(1)[:40]!r})"
+        return (f"the --config file {what}; a config is a YAML mapping with model:, data: and trainer: sections "
+                "(`clframe fit --print_config` prints a complete one)")
+    if key and (m := re.search(r"Given value: (\{.*\})\s*$", message, re.M)) and re.search(r"\w:[^\s/]", m.group(1)):
+        fixed = re.sub(r"(\w):(?=[^\s/])", r"\1: ", m.group(1))
+        return f"{key}: {m.group(1)!r} is not a mapping: YAML needs a space after each key's colon, e.g. {fixed}"
+    literals = re.findall(r"- Expected a typing\.Literal\[(.*)\]", message)
+    if key and not nested and literals and (m := re.search(r"Given value: (.*)", message)):
+        allowed = [a.strip().strip("'\"") for group in literals for a in group.split(",")]
+        allowed += [t.replace("NoneType", "null") for t in re.findall(r"- Expected a <class '(\w+)'>", message)]
+        return (f"{key}: {m.group(1).strip()!r} is not allowed{_did_you_mean(m.group(1).strip(), allowed)}; "
+                f"choose one of: {', '.join(dict.fromkeys(allowed))}")
     base = re.search(r"Import path does not correspond to a subclass of (\w+)", message)
     wanted = re.search(r"Expected a dot import path string: (\S+)", message)
     if key and (key.startswith("trainer.") or (key == "model" and base)) and (base or wanted):

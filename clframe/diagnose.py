@@ -57,7 +57,8 @@ def explain(err: BaseException) -> Explanation:
     for e in errors:  # clframe's own message wins: it was written for this exact problem
         if isinstance(e, ClframeError):
             return Explanation(_one_paragraph(str(e)), INPUT_STATUS)
-    for explainer in (_checkpoint_read, _lightning_config, _omegaconf, _file_system, _clframe_refusal):
+    for explainer in (_checkpoint_read, _lightning_config, _omegaconf, _file_system, _clframe_refusal,
+                      _optimizer_setting):
         for e in errors:
             if (message := explainer(e)) is not None:
                 return Explanation(_one_paragraph(message), INPUT_STATUS)
@@ -87,6 +88,14 @@ def _clframe_refusal(err: BaseException) -> str | None:
         return None
     deliberate = "raise" in linecache.getline(filename, tb.tb_lineno)  # not a C function (torch.cat) failing there
     return str(err) if deliberate else None
+
+
+def _optimizer_setting(err: BaseException) -> str | None:
+    """torch.optim's refusal of a hyperparameter (``Invalid weight_decay value: -1.0``)."""
+    if not isinstance(err, ValueError) or not (m := re.match(r"Invalid (\w+) value: (.*)", str(err))):
+        return None
+    return (f"the optimizer refused {m.group(1)} = {m.group(2)}: torch.optim accepts only valid (mostly "
+            f"non-negative) values; fix --model.{m.group(1)}")
 
 
 def _in_package(filename: str) -> bool:

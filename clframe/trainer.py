@@ -146,6 +146,16 @@ class StreamProgress(L.Callback):
         self.end_task(trainer, pl_module)
 
 
+def check_optimisation_options(kwargs: dict[str, Any]) -> None:
+    """Trainer options Lightning passes on unchecked: a negative clip value flips the gradient's sign
+    (torch scales it by max_norm / norm), and accumulating 0 batches divides by zero."""
+    clip, accumulate = kwargs.get("gradient_clip_val"), kwargs.get("accumulate_grad_batches", 1)
+    if clip is not None and not clip >= 0:
+        raise ConfigError(f"gradient_clip_val must be non-negative (or null for no clipping), got {clip}")
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise ConfigError(f"accumulate_grad_batches must be a positive number of batches, got {accumulate}")
+
+
 class ContinualTrainer(L.Trainer):
     """Runs a whole continual-learning stream in one ``fit`` call.
 
@@ -178,6 +188,7 @@ class ContinualTrainer(L.Trainer):
             raise ConfigError(f"steps_per_task must be at least 1, got {steps_per_task}")
         if steps_per_task is not None and kwargs.get("max_steps") not in (None, -1):
             raise ConfigError("set steps_per_task or max_steps, not both (ContinualTrainer manages max_steps)")
+        check_optimisation_options(kwargs)
         kwargs.pop("max_epochs", None)
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = CSVLogger(kwargs.get("default_root_dir") or os.getcwd(), name="lightning_logs")

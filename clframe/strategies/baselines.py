@@ -60,6 +60,8 @@ class EWC(ContinualModule):
         super().__init__(**kwargs)
         if ewc_lambda < 0:
             raise ConfigError(f"ewc_lambda must be non-negative, got {ewc_lambda}")
+        if not 0.0 <= gamma <= 1.0:  # a decay: outside [0, 1] old Fisher terms grow or change sign
+            raise ConfigError(f"EWC gamma (decay of the accumulated Fisher) must be in [0, 1], got {gamma}")
         self.register_buffer("ewc_fisher", torch.empty(0))
         self.register_buffer("ewc_anchor", torch.empty(0))
 
