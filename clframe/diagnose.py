@@ -131,6 +131,16 @@ def _checkpoint_read(err: BaseException) -> str | None:
             "(e.g. another file in the same folder), or start again without --ckpt_path; the file was left as it is.")
 
 
+def _raised_in(err: BaseException, folder: str) -> bool:
+    """Whether ``err`` was raised while running code under ``folder`` (a path fragment), at any depth."""
+    tb = err.__traceback__
+    while tb is not None:
+        if folder in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _torch_load_path(err: BaseException) -> str | None:
     """The file handed to ``torch.load`` if ``err`` was raised inside it, else None."""
     tb = err.__traceback__
@@ -159,16 +169,17 @@ def _lightning_config(err: BaseException) -> str | None:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
     except ImportError:  # pragma: no cover - Lightning is a dependency
         return None
-    if not isinstance(err, MisconfigurationException):
+    if not isinstance(err, MisconfigurationException) and not (
+            isinstance(err, (ValueError, TypeError)) and _raised_in(err, "lightning/pytorch/trainer/connectors/")):
         return None
     text = str(err).strip()
     lower = text.lower()
     if "gpu" in lower or "cuda" in lower or "mps" in lower or "tpu" in lower:
         hint = ("this machine has no such accelerator visible to PyTorch; use --trainer.accelerator=cpu (or auto, "
                 "which picks what exists), or run on a machine with one")
-    elif "devices" in lower:
+    elif "devices" in lower or "num_nodes" in lower:
         hint = ("--trainer.devices takes a positive number of devices, a list of device ids (e.g. [0, 1]), -1 for all, "
-                "or auto")
+                "or auto; --trainer.num_nodes a positive number of machines")
     else:
         hint = "change that --trainer option (clframe fit --help lists them)"
     return f"the trainer settings were refused: {text} Fix: {hint}."

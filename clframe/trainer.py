@@ -148,12 +148,17 @@ class StreamProgress(L.Callback):
 
 def check_optimisation_options(kwargs: dict[str, Any]) -> None:
     """Trainer options Lightning passes on unchecked: a negative clip value flips the gradient's sign
-    (torch scales it by max_norm / norm), and accumulating 0 batches divides by zero."""
+    (torch scales it by max_norm / norm), 0 accumulated batches or a 0 validation interval divide by
+    zero, and 0 training batches give a run that silently learns nothing."""
     clip, accumulate = kwargs.get("gradient_clip_val"), kwargs.get("accumulate_grad_batches", 1)
     if clip is not None and not clip >= 0:
         raise ConfigError(f"gradient_clip_val must be non-negative (or null for no clipping), got {clip}")
     if not isinstance(accumulate, int) or accumulate < 1:
         raise ConfigError(f"accumulate_grad_batches must be a positive number of batches, got {accumulate}")
+    if kwargs.get("limit_train_batches") == 0:  # Lightning then skips training and the run reports chance level
+        raise ConfigError("limit_train_batches=0 trains nothing; give a positive number (or fraction) of batches")
+    if kwargs.get("val_check_interval") is not None and not kwargs["val_check_interval"] > 0:
+        raise ConfigError(f"val_check_interval must be positive, got {kwargs['val_check_interval']}")
 
 
 class ContinualTrainer(L.Trainer):
