@@ -45,7 +45,8 @@ class ClframeArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if self.exit_on_error:  # the message the user will read; inner parsers' messages stay raw for it
             message = explain_parser_error(message, getattr(ex, "subcommand_parser", None) or self)
-            if not debug_requested():  # the message alone, not 75 lines of usage before it
+            if not debug_requested():  # the message alone, in one paragraph, not 75 lines of usage before it
+                message = " ".join(line.strip() for line in message.splitlines() if line.strip())
                 self._logger.error(message)
                 sys.stderr.write(f"tip: `clframe fit --help` lists every option\nerror: {message}\n")
                 self.exit(2)

@@ -144,14 +144,13 @@ def _raised_in(err: BaseException, folder: str) -> bool:
 def _torch_load_path(err: BaseException) -> str | None:
     """The file handed to ``torch.load`` if ``err`` was raised inside it, else None."""
     tb = err.__traceback__
-    found = None
     while tb is not None:
         code = tb.tb_frame.f_code
         if code.co_name == "load" and code.co_filename.replace("\\", "/").endswith("torch/serialization.py"):
             target = tb.tb_frame.f_locals.get("f")
-            found = str(getattr(target, "name", target))
+            return os.fspath(target) if isinstance(target, (str, os.PathLike)) else str(getattr(target, "name", target))
         tb = tb.tb_next
-    return found
+    return None
 
 
 def _size(path: str) -> int | None:
