@@ -132,14 +132,14 @@ def _explain_value_error(message: str, key: str | None) -> str | None:
         allowed += [t.replace("NoneType", "null") for t in re.findall(r"- Expected a <class '(\w+)'>", message)]
         return (f"{key}: {m.group(1).strip()!r} is not allowed{_did_you_mean(m.group(1).strip(), allowed)}; "
                 f"choose one of: {', '.join(dict.fromkeys(allowed))}")
-    base = re.search(r"Import path does not correspond to a subclass of (\w+)", message)
+    base = re.search(r"Import path (?:\S+ )?does not correspond to a subclass of (\w+)", message)
     wanted = re.search(r"Expected a dot import path string: (\S+)", message)
     if key and (key.startswith("trainer.") or (key == "model" and base)) and (base or wanted):
         value = re.search(r"'class_path': '([^']+)'|Given value: (\S+)\s*$", message, re.M)
         name = next((g for g in value.groups() if g), "?") if value else "?"
         kind = base.group(1) if base else ("Logger" if key.endswith("logger") else "Callback")
-        return (f"{key}: {name!r} is not a {kind} class that can be imported; give a {kind} class name or import "
-                f"path (e.g. {_CLASS_EXAMPLES.get(kind, kind)})")
+        return (f"{key}: {name!r} is not an importable {kind} subclass, so it was not used; give the class name or "
+                f"import path of a {kind} (e.g. {_CLASS_EXAMPLES.get(kind, kind)})")
     return None
 
 

@@ -180,6 +180,21 @@ def test_bad_config_file(content, tmp_path, monkeypatch, capsys):
     assert err.strip().splitlines()[-1].startswith("error:") and len(err.strip().splitlines()) <= 2
 
 
+@pytest.mark.parametrize(("section", "kind"), [("model", "ContinualModule"), ("trainer.logger", "Logger"),
+                                               ("trainer.callbacks", "Callback")])
+def test_a_class_path_that_is_not_of_its_kind(section, kind, tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "ran"
+    head, _, tail = section.partition(".")
+    entry = f"class_path: os.system\ninit_args:\n  command: touch {marker}\n"
+    body = entry if not tail else f"{tail}:\n" + "".join(f"  {line}\n" for line in entry.splitlines())
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{head}:\n" + "".join(f"  {line}\n" for line in body.splitlines()))
+    code, err = run_main(monkeypatch, capsys, "--config", str(REPO / "clframe/default_config.yaml"), "--config",
+                         str(config))
+    assert code == INPUT_STATUS and f"'os.system' is not an importable {kind} subclass" in err
+    assert not marker.exists()
+
+
 def test_missing_interpolation_key(tmp_path, monkeypatch, capsys):
     config = tmp_path / "interp.yaml"
     config.write_text("data:\n  batch_size: ${data.nope}\n")
@@ -269,6 +284,15 @@ def _parquet(path: Path, labels: list[int]) -> None:
     pq.write_table(pa.table({"image": cells, "label": labels}), path)
 
 
+def test_zero_row_parquet_file(tmp_path):
+    from clframe.data.sources import DataSourceError, load_source
+
+    _parquet(tmp_path / "empty" / "train.parquet", [])
+    _parquet(tmp_path / "empty" / "test.parquet", [0])
+    with pytest.raises(DataSourceError, match="has no rows"):
+        load_source("hf", root=tmp_path, path="empty")
+
+
 def test_sparse_integer_labels_are_renumbered(tmp_path):
     from clframe.data.sources import load_source
 
@@ -305,6 +329,7 @@ def test_error_table_lists_every_case():
     cases = [*CASES, "accelerator=gpu", "truncated", "empty checkpoint", "text file as a checkpoint",
              "code in a checkpoint", "empty config", "yaml list", "config is a folder", "interpolation",
              "path too long", "read-only", "disk full", "log folder under a file", "16-bit", "constant colour channel",
-             "non-contiguous label", "no test samples", "no train samples", "unexpected error"]
+             "non-contiguous label", "no test samples", "no train samples", "unexpected error", "not of its kind",
+             "zero-row parquet"]
     missing = [c for c in cases if c.lower() not in table]
     assert not missing, missing

@@ -520,6 +520,8 @@ def _split_from_tables(tables: Sequence[_Table], image_column: str, label_column
             _pick_column(
                 (table, origin), column, (), "image_column" if column == image_column else "label_column"
             )
+        if table.num_rows == 0:
+            raise DataSourceError(f"{origin} has no rows; remove the empty file or write the data into it")
         split.origins.append((len(split.images), origin))
         split.images.extend(_image_cells(table.column(image_column), origin))
         split.labels.extend(table.column(label_column).to_pylist())
