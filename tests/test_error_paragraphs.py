@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -111,8 +112,6 @@ def test_unreadable_checkpoint(content, tmp_path):
 
 
 def test_checkpoint_with_code_is_named_unsafe(tmp_path):
-    import os
-
     class Payload:
         def __reduce__(self):
             return os.getcwd, ()
@@ -151,6 +150,11 @@ CASES = {
                                      ["space", "{path: data/x}"]),
     "SupSup density 0": (["--model=SupSup", "--data.scenario=task", "--model.density=0"], ["density"]),
     "n_tasks 0": (["--data.n_tasks=0"], ["n_tasks"]),
+    # already handled before this round; kept so they stay handled
+    "empty class_order": (["--data.class_order=[]"], ["class order is empty"]),
+    "first_task_classes larger than the classes": (["--data.first_task_classes=20"], ["first_task_classes", "1..10"]),
+    "val_fraction 1": (["--data.val_fraction=1.0"], ["val_fraction", "[0, 1)"]),
+    "data_root is a file": (["--data.source=mnist", f"--data.data_root={__file__}"], ["CLFRAME_DATA"]),
 }
 
 
@@ -210,6 +214,14 @@ def test_unusable_log_folder(where, tmp_path, monkeypatch, capsys):
     code, err = run_main(monkeypatch, capsys, f"--trainer.default_root_dir={root}", *FAST)
     assert code == INPUT_STATUS and "Traceback" not in err
     assert ("too long" in err) if where == "too long" else ("folder" in err)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root can write read-only folders")
+def test_read_only_log_folder(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "ro"
+    root.mkdir(mode=0o555)
+    code, err = run_main(monkeypatch, capsys, f"--trainer.default_root_dir={root}", *FAST)
+    assert code == INPUT_STATUS and "cannot write" in err and "Traceback" not in err
 
 
 def test_unreadable_checkpoint_from_the_cli(tmp_path, monkeypatch, capsys):
