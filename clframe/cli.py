@@ -126,6 +126,10 @@ def _explain_value_error(message: str, key: str | None) -> str | None:
     if key and (m := re.search(r"Given value: (\{.*\})\s*$", message, re.M)) and re.search(r"\w:[^\s/]", m.group(1)):
         fixed = re.sub(r"(\w):(?=[^\s/])", r"\1: ", m.group(1))
         return f"{key}: {m.group(1)!r} is not a mapping: YAML needs a space after each key's colon, e.g. {fixed}"
+    if nested and (m := re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", message)):
+        allowed = [a.strip().strip("'\"") for a in m.group(1).split(",")]
+        return (f"{where}: {m.group(2).strip()!r} is not allowed{_did_you_mean(m.group(2).strip(), allowed)}; "
+                f"choose one of: {', '.join(allowed)}")
     literals = re.findall(r"- Expected a typing\.Literal\[(.*)\]", message)
     if key and not nested and literals and (m := re.search(r"Given value: (.*)", message)):
         allowed = [a.strip().strip("'\"") for group in literals for a in group.split(",")]

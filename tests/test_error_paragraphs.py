@@ -150,6 +150,7 @@ CASES = {
                                      ["space", "{path: data/x}"]),
     "SupSup density 0": (["--model=SupSup", "--data.scenario=task", "--model.density=0"], ["density"]),
     "n_tasks 0": (["--data.n_tasks=0"], ["n_tasks"]),
+    "strategy option typo": (["--model.buffer_policy=reservoirr"], ["buffer_policy", "did you mean 'reservoir'"]),
     # already handled before this round; kept so they stay handled
     "empty class_order": (["--data.class_order=[]"], ["class order is empty"]),
     "first_task_classes larger than the classes": (["--data.first_task_classes=20"], ["first_task_classes", "1..10"]),
