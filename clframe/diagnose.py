@@ -12,8 +12,8 @@ Anything else is reported as an unexpected error (likely a bug) with a pointer t
 from __future__ import annotations
 
 import errno
-import os
 import linecache
+import os
 import pickle
 import re
 import tempfile

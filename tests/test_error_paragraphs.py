@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import math
 import os
 import sys
@@ -269,7 +268,7 @@ def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
     from clframe.data.sources import load_source
 
     low, high = np.full((4, 4), 16000, np.uint16), np.full((4, 4), 56000, np.uint16)
-    root = _image_folder(tmp_path / "deep", {"low": [low], "high": [high]})
+    _image_folder(tmp_path / "deep", {"low": [low], "high": [high]})
     data = load_source("image_folder", root=tmp_path, path="deep", image_size=4, channels=1)
     assert sorted(data.train_x[:, 0, 0, 0].tolist()) == [round(16000 / 257), round(56000 / 257)]
 
