@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clframe import catalog
 from clframe.data.datamodule import ContinualDataModule
@@ -28,6 +29,7 @@ from clframe.trainer import ContinualTrainer
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SEED_MAX = 2**32 - 1
+INTERRUPTED_STATUS = 128 + 15  # what a shell reports for a process ended by SIGTERM
 DESCRIPTION = ("clframe: continual learning on PyTorch Lightning.\n"
                "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.")
 
@@ -199,6 +201,11 @@ def main() -> None:
     sys.argv = [sys.argv[0], *with_default_config([a for a in argv if a != "--debug"])]
     try:
         ContinualCLI()
+    except SIGTERMException:  # a SystemExit with status 0: a preempted run would look like a finished one
+        print("clframe: error: the run was stopped by SIGTERM (a scheduler's preemption or time limit, or `kill`) "
+              "before the stream finished, so no final results were written. Checkpoints written so far are kept: "
+              "rerun the same command with --ckpt_path last to resume.", file=sys.stderr)
+        sys.exit(INTERRUPTED_STATUS)
     except (SystemExit, KeyboardInterrupt):
         raise  # the parser's own one-line errors (status 2), --help, and Ctrl-C keep their behaviour
     except BaseException as err:  # noqa: BLE001 - this is the one place every error is turned into words

@@ -245,6 +245,13 @@ def test_disk_full_mid_run_keeps_checkpoints_and_debug_shows_the_traceback(tmp_p
     assert code == INPUT_STATUS and "Traceback" not in err and len(err.strip().splitlines()[-1]) > 40
 
 
+def test_sigterm_mid_run_is_not_reported_as_success(tmp_path, monkeypatch, capsys):
+    code, err = run_main(monkeypatch, capsys, f"--trainer.default_root_dir={tmp_path}", *FAST,
+                         "--trainer.callbacks+=tests.helpers.faults.SignalAtStep", "--trainer.callbacks.step=3")
+    assert code == 143 and "stopped by SIGTERM" in err and "--ckpt_path last" in err
+    assert not list(tmp_path.rglob("results.json"))
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 def _png(array: np.ndarray) -> bytes:
@@ -342,6 +349,6 @@ def test_error_table_lists_every_case():
              "code in a checkpoint", "empty config", "yaml list", "config is a folder", "interpolation",
              "path too long", "read-only", "disk full", "log folder under a file", "16-bit", "constant colour channel",
              "non-contiguous label", "no test samples", "no train samples", "unexpected error", "not of its kind",
-             "zero-row parquet"]
+             "zero-row parquet", "sigterm"]
     missing = [c for c in cases if c.lower() not in table]
     assert not missing, missing
