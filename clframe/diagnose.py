@@ -57,7 +57,7 @@ def explain(err: BaseException) -> Explanation:
     for e in errors:  # clframe's own message wins: it was written for this exact problem
         if isinstance(e, ClframeError):
             return Explanation(_one_paragraph(str(e)), INPUT_STATUS)
-    for explainer in (_checkpoint_read, _lightning_config, _omegaconf, _file_system, _clframe_refusal,
+    for explainer in (_checkpoint_read, _state_dict_mismatch, _lightning_config, _omegaconf, _file_system, _clframe_refusal,
                       _optimizer_setting):
         for e in errors:
             if (message := explainer(e)) is not None:
@@ -139,6 +139,16 @@ def _raised_in(err: BaseException, folder: str) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def _state_dict_mismatch(err: BaseException) -> str | None:
+    """A checkpoint whose tensors do not fit the model built from this config (another strategy, backbone or size)."""
+    if not isinstance(err, RuntimeError) or "Error(s) in loading state_dict" not in str(err):
+        return None
+    detail = " ".join(str(err).split())
+    return (f"the checkpoint's weights do not fit the model built from this config ({detail[:300]}"
+            f"{'...' if len(detail) > 300 else ''}). It was written with another strategy, backbone or layer sizes: "
+            "resume with the config that produced it, or start a new run without --ckpt_path.")
 
 
 def _torch_load_path(err: BaseException) -> str | None:
