@@ -31,7 +31,8 @@ DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SEED_MAX = 2**32 - 1
 INTERRUPTED_STATUS = 128 + 15  # what a shell reports for a process ended by SIGTERM
 DESCRIPTION = ("clframe: continual learning on PyTorch Lightning.\n"
-               "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.")
+               "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.\n"
+               "Errors end in one paragraph; add --debug (or set CLFRAME_DEBUG=1) to see the full traceback.")
 
 
 class _CatalogHelpFormatter(DefaultHelpFormatter):

@@ -57,7 +57,7 @@ def explain(err: BaseException) -> Explanation:
     for e in errors:  # clframe's own message wins: it was written for this exact problem
         if isinstance(e, ClframeError):
             return Explanation(_one_paragraph(str(e)), INPUT_STATUS)
-    for explainer in (_checkpoint_read, _state_dict_mismatch, _lightning_config, _omegaconf, _file_system, _clframe_refusal,
+    for explainer in (_checkpoint_read, _state_dict_mismatch, _out_of_memory, _lightning_config, _omegaconf, _file_system, _clframe_refusal,
                       _optimizer_setting):
         for e in errors:
             if (message := explainer(e)) is not None:
@@ -139,6 +139,22 @@ def _raised_in(err: BaseException, folder: str) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def _out_of_memory(err: BaseException) -> str | None:
+    """The accelerator's or the machine's memory ran out: the run is too big for it, not broken."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        where = "the accelerator's memory"
+    elif isinstance(err, MemoryError):
+        where = "the machine's memory (RAM)"
+    else:
+        return None
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return (f"out of {where} ({first}). Lower --data.batch_size and --data.eval_batch_size, train in lower precision "
+            "(--trainer.precision=16-mixed or bf16-mixed), pick a smaller backbone or buffer, or use a larger device. "
+            "Checkpoints written so far are kept.")
 
 
 def _state_dict_mismatch(err: BaseException) -> str | None:

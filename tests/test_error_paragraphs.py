@@ -98,6 +98,12 @@ def test_checkpoint_of_another_model():
     assert report.status == INPUT_STATUS and "do not fit the model" in report.message and "--ckpt_path" in report.message
 
 
+@pytest.mark.parametrize("err", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), MemoryError()])
+def test_out_of_memory(err):
+    report = explain(err)
+    assert report.status == INPUT_STATUS and "batch_size" in report.message and "out of" in report.message
+
+
 def test_an_unknown_error_is_one_paragraph_with_the_debug_hint():
     report = explain(RuntimeError("something internal\nbroke"))
     assert report.status == BUG_STATUS and "CLFRAME_DEBUG=1" in report.message and "\n" not in report.message
@@ -355,6 +361,6 @@ def test_error_table_lists_every_case():
              "code in a checkpoint", "empty config", "yaml list", "config is a folder", "interpolation",
              "path too long", "read-only", "disk full", "log folder under a file", "16-bit", "constant colour channel",
              "non-contiguous label", "no test samples", "no train samples", "unexpected error", "not of its kind",
-             "zero-row parquet", "sigterm", "checkpoint of another model"]
+             "zero-row parquet", "sigterm", "checkpoint of another model", "out of memory"]
     missing = [c for c in cases if c.lower() not in table]
     assert not missing, missing
