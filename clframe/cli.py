@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clframe import catalog
 from clframe.data.datamodule import ContinualDataModule
-from clframe.diagnose import chain, debug_requested, explain
+from clframe.diagnose import chain, debug_requested, explain, explain_parser_value
 from clframe.errors import ClframeError, ConfigError
 from clframe.strategies.base import ContinualModule
 from clframe.trainer import ContinualTrainer
@@ -74,7 +74,7 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
     head = re.match(r'Parser key "([\w.]+)":', message)
     key = head.group(1) if head else None
     names = list(catalog.strategies())
-    if explained := _explain_value_error(message, key):
+    if explained := explain_parser_value(message, key):
         return explained
     if m := re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message):
         cls = _strategy_class(m.group(1))
@@ -109,45 +109,6 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
     if key and (m := re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)):
         return f"{key}: expected {m.group(1)}, got {m.group(2).strip()!r}"
     return message
-
-
-_CLASS_EXAMPLES = {"Logger": "CSVLogger, TensorBoardLogger, WandbLogger",
-                   "Callback": "ModelCheckpoint, clframe.callbacks.ContinualEvaluation",
-                   "ContinualModule": "ER, EWC, LwF, ... (clframe fit --help lists them)"}
-
-
-def _explain_value_error(message: str, key: str | None) -> str | None:
-    """Two shapes jsonargparse words badly: a non-finite number, and a class that is not of the wanted kind."""
-    nested = re.search(r"class_path '([\w.]+)':\s*\n\s*Parser key \"([\w.]+)\"", message)
-    where = f"{key or 'model'}.init_args.{nested.group(2)} ({nested.group(1)})" if nested else key
-    if where and (m := re.search(r"(?:Given|Got) value: ([-+]?(?:nan|inf(?:inity)?))\s*$", message, re.I | re.M)):
-        return f"{where}: {m.group(1)} is not allowed; give a finite number"
-    if (m := re.match(r"Unexpected config:\s*(.*)", message, re.S)) is not None:
-        what = "is empty" if not m.group(1).strip() else f"is not a mapping of options (it starts {m.group(1)[:40]!r})"
-        return (f"the --config file {what}; a config is a YAML mapping with model:, data: and trainer: sections "
-                "(`clframe fit --print_config` prints a complete one)")
-    if key and (m := re.search(r"Given value: (\{.*\})\s*$", message, re.M)) and re.search(r"\w:[^\s/]", m.group(1)):
-        fixed = re.sub(r"(\w):(?=[^\s/])", r"\1: ", m.group(1))
-        return f"{key}: {m.group(1)!r} is not a mapping: YAML needs a space after each key's colon, e.g. {fixed}"
-    if nested and (m := re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", message)):
-        allowed = [a.strip().strip("'\"") for a in m.group(1).split(",")]
-        return (f"{where}: {m.group(2).strip()!r} is not allowed{_did_you_mean(m.group(2).strip(), allowed)}; "
-                f"choose one of: {', '.join(allowed)}")
-    literals = re.findall(r"- Expected a typing\.Literal\[(.*)\]", message)
-    if key and not nested and literals and (m := re.search(r"Given value: (.*)", message)):
-        allowed = [a.strip().strip("'\"") for group in literals for a in group.split(",")]
-        allowed += [t.replace("NoneType", "null") for t in re.findall(r"- Expected a <class '(\w+)'>", message)]
-        return (f"{key}: {m.group(1).strip()!r} is not allowed{_did_you_mean(m.group(1).strip(), allowed)}; "
-                f"choose one of: {', '.join(dict.fromkeys(allowed))}")
-    base = re.search(r"Import path (?:\S+ )?does not correspond to a subclass of (\w+)", message)
-    wanted = re.search(r"Expected a dot import path string: (\S+)", message)
-    if key and (key.startswith("trainer.") or (key == "model" and base)) and (base or wanted):
-        value = re.search(r"'class_path': '([^']+)'|Given value: (\S+)\s*$", message, re.M)
-        name = next((g for g in value.groups() if g), "?") if value else "?"
-        kind = base.group(1) if base else ("Logger" if key.endswith("logger") else "Callback")
-        return (f"{key}: {name!r} is not an importable {kind} subclass, so it was not used; give the class name or "
-                f"import path of a {kind} (e.g. {_CLASS_EXAMPLES.get(kind, kind)})")
-    return None
 
 
 class ContinualCLI(LightningCLI):

@@ -7,10 +7,12 @@ configuration, OmegaConf interpolation, the file system (long names, permissions
 torch's checkpoint reader. Lightning re-raises errors from inside ``fit`` and jsonargparse wraps
 errors raised while building classes, so the whole ``__cause__`` / ``__context__`` chain is searched.
 Anything else is reported as an unexpected error (likely a bug) with a pointer to the traceback.
+:func:`explain_parser_value` does the same for the config parser's messages about a bad value.
 """
 
 from __future__ import annotations
 
+import difflib
 import errno
 import linecache
 import os
@@ -260,3 +262,51 @@ def _file_system(err: BaseException) -> str | None:
 def _short(path: object, limit: int = 160) -> str:
     text = str(path)
     return text if len(text) <= limit else f"{text[:60]}...{text[-60:]} ({len(text)} characters)"
+
+
+# ---------------------------------------------------------------------------------------------- config parsing
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_CLASS_EXAMPLES = {"Logger": "CSVLogger, TensorBoardLogger, WandbLogger",
+                   "Callback": "ModelCheckpoint, clframe.callbacks.ContinualEvaluation",
+                   "ContinualModule": "ER, EWC, LwF, ... (clframe fit --help lists them)"}
+
+
+def explain_parser_value(message: str, key: str | None) -> str | None:
+    """jsonargparse's wording of a bad value, rewritten where it misleads (``key`` is the option it names): a
+    non-finite number, an empty or non-mapping config, a YAML flow mapping without spaces, a choice among
+    literals, a class of the wrong kind. None when the message has none of these shapes."""
+    nested = re.search(r"class_path '([\w.]+)':\s*\n\s*Parser key \"([\w.]+)\"", message)
+    where = f"{key or 'model'}.init_args.{nested.group(2)} ({nested.group(1)})" if nested else key
+    if where and (m := re.search(r"(?:Given|Got) value: ([-+]?(?:nan|inf(?:inity)?))\s*$", message, re.I | re.M)):
+        return f"{where}: {m.group(1)} is not allowed; give a finite number"
+    if (m := re.match(r"Unexpected config:\s*(.*)", message, re.S)) is not None:
+        what = "is empty" if not m.group(1).strip() else f"is not a mapping of options (it starts {m.group(1)[:40]!r})"
+        return (f"the --config file {what}; a config is a YAML mapping with model:, data: and trainer: sections "
+                "(`clframe fit --print_config` prints a complete one)")
+    if key and (m := re.search(r"Given value: (\{.*\})\s*$", message, re.M)) and re.search(r"\w:[^\s/]", m.group(1)):
+        fixed = re.sub(r"(\w):(?=[^\s/])", r"\1: ", m.group(1))
+        return f"{key}: {m.group(1)!r} is not a mapping: YAML needs a space after each key's colon, e.g. {fixed}"
+    if nested and (m := re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", message)):
+        allowed = [a.strip().strip("'\"") for a in m.group(1).split(",")]
+        return (f"{where}: {m.group(2).strip()!r} is not allowed{_did_you_mean(m.group(2).strip(), allowed)}; "
+                f"choose one of: {', '.join(allowed)}")
+    literals = re.findall(r"- Expected a typing\.Literal\[(.*)\]", message)
+    if key and not nested and literals and (m := re.search(r"Given value: (.*)", message)):
+        allowed = [a.strip().strip("'\"") for group in literals for a in group.split(",")]
+        allowed += [t.replace("NoneType", "null") for t in re.findall(r"- Expected a <class '(\w+)'>", message)]
+        return (f"{key}: {m.group(1).strip()!r} is not allowed{_did_you_mean(m.group(1).strip(), allowed)}; "
+                f"choose one of: {', '.join(dict.fromkeys(allowed))}")
+    base = re.search(r"Import path (?:\S+ )?does not correspond to a subclass of (\w+)", message)
+    wanted = re.search(r"Expected a dot import path string: (\S+)", message)
+    if key and (key.startswith("trainer.") or (key == "model" and base)) and (base or wanted):
+        value = re.search(r"'class_path': '([^']+)'|Given value: (\S+)\s*$", message, re.M)
+        name = next((g for g in value.groups() if g), "?") if value else "?"
+        kind = base.group(1) if base else ("Logger" if key.endswith("logger") else "Callback")
+        return (f"{key}: {name!r} is not an importable {kind} subclass, so it was not used; give the class name or "
+                f"import path of a {kind} (e.g. {_CLASS_EXAMPLES.get(kind, kind)})")
+    return None
