@@ -18,9 +18,9 @@ from typing import Any, NoReturn
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from clframe import catalog
+from clframe.config_tags import refuse_python_tags
 from clframe.data.datamodule import ContinualDataModule
 from clframe.diagnose import chain, debug_requested, explain, explain_parser_value
 from clframe.errors import ClframeError, ConfigError
@@ -29,7 +29,6 @@ from clframe.trainer import ContinualTrainer
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SEED_MAX = 2**32 - 1
-INTERRUPTED_STATUS = 128 + 15  # what a shell reports for a process ended by SIGTERM
 DESCRIPTION = ("clframe: continual learning on PyTorch Lightning.\n"
                "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.\n"
                "Errors end in one paragraph; add --debug (or set CLFRAME_DEBUG=1) to see the full traceback.")
@@ -76,6 +75,11 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
     names = list(catalog.strategies())
     if explained := explain_parser_value(message, key):
         return explained
+    if m := re.search(r"Import path ?([\w.]*) does not correspond to a subclass of (\w+)", message):
+        given = m.group(1) or (g.group(1).strip() if (g := re.search(r"Given value: (.*)", message)) else "?")
+        hint = f"; choose one of: {', '.join(names)}" if m.group(2) == "ContinualModule" else ""
+        return (f"{key or 'class_path'}: class_path {given!r} is not a {m.group(2)} subclass, so it is refused "
+                f"(a config may only name {m.group(2)} classes here; nothing else is built or run){hint}")
     if m := re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message):
         cls = _strategy_class(m.group(1))
         options = catalog.init_options(cls) if cls is not None else []
@@ -115,6 +119,7 @@ class ContinualCLI(LightningCLI):
     """LightningCLI with clframe's trainer and data module, any ContinualModule as the model."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        refuse_python_tags(sys.argv[1:] if args is None else list(args))
         catalog.strategies()  # import every strategy family, so short names (--model=HyperInterval) resolve
         super().__init__(
             model_class=ContinualModule,
@@ -137,6 +142,11 @@ class ContinualCLI(LightningCLI):
             raise ConfigError(f"seed_everything must be between 0 and {SEED_MAX} (NumPy's seed range), got {seed}; "
                               "pick a seed in that range, or true for a random one")
         super()._set_seed()
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the user's config on resume, however ``--ckpt_path`` is written. (LightningCLI would silently
+        replace the model with the checkpoint's when the path is a file.) ``ContinualTrainer.fit`` compares
+        the config with the checkpoint's and refuses any difference, listing them."""
 
 
 def with_default_config(argv: list[str]) -> list[str]:
@@ -163,13 +173,8 @@ def main() -> None:
     sys.argv = [sys.argv[0], *with_default_config([a for a in argv if a != "--debug"])]
     try:
         ContinualCLI()
-    except SIGTERMException:  # a SystemExit with status 0: a preempted run would look like a finished one
-        print("clframe: error: the run was stopped by SIGTERM (a scheduler's preemption or time limit, or `kill`) "
-              "before the stream finished, so no final results were written. Checkpoints written so far are kept: "
-              "rerun the same command with --ckpt_path last to resume.", file=sys.stderr)
-        sys.exit(INTERRUPTED_STATUS)
     except (SystemExit, KeyboardInterrupt):
-        raise  # the parser's own one-line errors (status 2), --help, and Ctrl-C keep their behaviour
+        raise  # the parser's one-line errors (2), --help, SIGTERM (143, see clframe.checkpoints) and Ctrl-C
     except BaseException as err:  # noqa: BLE001 - this is the one place every error is turned into words
         report = explain(err)
         if debug:

@@ -272,14 +272,13 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 
 
 _CLASS_EXAMPLES = {"Logger": "CSVLogger, TensorBoardLogger, WandbLogger",
-                   "Callback": "ModelCheckpoint, clframe.callbacks.ContinualEvaluation",
-                   "ContinualModule": "ER, EWC, LwF, ... (clframe fit --help lists them)"}
+                   "Callback": "ModelCheckpoint, clframe.callbacks.ContinualEvaluation"}
 
 
 def explain_parser_value(message: str, key: str | None) -> str | None:
     """jsonargparse's wording of a bad value, rewritten where it misleads (``key`` is the option it names): a
     non-finite number, an empty or non-mapping config, a YAML flow mapping without spaces, a choice among
-    literals, a class of the wrong kind. None when the message has none of these shapes."""
+    literals, a logger or callback name that cannot be imported. None when the message has none of these shapes."""
     nested = re.search(r"class_path '([\w.]+)':\s*\n\s*Parser key \"([\w.]+)\"", message)
     where = f"{key or 'model'}.init_args.{nested.group(2)} ({nested.group(1)})" if nested else key
     if where and (m := re.search(r"(?:Given|Got) value: ([-+]?(?:nan|inf(?:inity)?))\s*$", message, re.I | re.M)):
@@ -301,12 +300,9 @@ def explain_parser_value(message: str, key: str | None) -> str | None:
         allowed += [t.replace("NoneType", "null") for t in re.findall(r"- Expected a <class '(\w+)'>", message)]
         return (f"{key}: {m.group(1).strip()!r} is not allowed{_did_you_mean(m.group(1).strip(), allowed)}; "
                 f"choose one of: {', '.join(dict.fromkeys(allowed))}")
-    base = re.search(r"Import path (?:\S+ )?does not correspond to a subclass of (\w+)", message)
     wanted = re.search(r"Expected a dot import path string: (\S+)", message)
-    if key and (key.startswith("trainer.") or (key == "model" and base)) and (base or wanted):
-        value = re.search(r"'class_path': '([^']+)'|Given value: (\S+)\s*$", message, re.M)
-        name = next((g for g in value.groups() if g), "?") if value else "?"
-        kind = base.group(1) if base else ("Logger" if key.endswith("logger") else "Callback")
-        return (f"{key}: {name!r} is not an importable {kind} subclass, so it was not used; give the class name or "
-                f"import path of a {kind} (e.g. {_CLASS_EXAMPLES.get(kind, kind)})")
+    if key and key.startswith("trainer.") and wanted and "does not correspond to a subclass" not in message:
+        kind = "Logger" if key.endswith("logger") else "Callback"
+        return (f"{key}: {wanted.group(1)!r} is not a {kind} class that can be imported; give the class name or "
+                f"import path of a {kind} (e.g. {_CLASS_EXAMPLES[kind]})")
     return None
