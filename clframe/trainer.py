@@ -36,6 +36,7 @@ from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
 from clframe.loggers import log_stream_to_wandb
+from clframe.loops import ExactResumeFitLoop
 from clframe.metrics.matrix import summarize_matrix
 from clframe.metrics.summary import format_results
 from clframe.strategies.base import ContinualModule
@@ -188,6 +189,7 @@ class ContinualTrainer(L.Trainer):
             callbacks.append(default_task_progress_bar())  # Lightning's bar, showing "Task k/N · epoch e/E"
         kwargs["callbacks"] = callbacks
         super().__init__(*args, max_epochs=epochs_per_task, use_distributed_sampler=False, **kwargs)
+        self.fit_loop = ExactResumeFitLoop.replacing(self.fit_loop)  # exact resume at epoch and task ends
         if isinstance(self.strategy.launcher, _MultiProcessingLauncher):
             raise ConfigError(
                 "spawning strategies (ddp_spawn, ddp_fork, ddp_notebook) start new processes for every fit/test call, "
