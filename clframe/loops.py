@@ -9,8 +9,8 @@ task's fit: that task's first epoch then starts at the old batch index and runs 
 after it. A stream of tasks with different numbers of batches per epoch lost most of an epoch.
 
 :class:`ExactResumeFitLoop` finishes such a restored batch the way the uninterrupted run did, through
-Lightning's own loop methods, and clears every restore flag when a fit ends, so each task's fit starts
-from the state an uninterrupted run has at that point.
+Lightning's own loop methods (and likewise a checkpoint written in ``on_train_epoch_end``), and clears
+every restore flag when a fit ends, so each task's fit starts from the state an uninterrupted run has there.
 """
 
 from __future__ import annotations
@@ -41,14 +41,20 @@ class ExactResumeFitLoop(_FitLoop):
         epoch_over = batches.is_last_batch or batches.current.ready >= self.max_batches
         return epoch_over or _is_max_limit_reached(self.epoch_loop.global_step, self.max_steps)
 
+    def _restored_in_epoch_end(self) -> bool:
+        """The checkpoint was written in ``on_train_epoch_end`` (every batch done, the epoch not yet closed)."""
+        p = self.epoch_progress.total
+        return self._loaded_from_state_dict and p.ready == p.started == p.processed and p.completed == p.processed - 1
+
     @property
     def skip(self) -> bool:
-        return super().skip and not self._restored_after_closing_batch()
+        return super().skip and not (self._restored_after_closing_batch() or self._restored_in_epoch_end())
 
     def reset(self) -> None:
-        self._was_reset = True
         if self._restored_after_closing_batch():
             self._finish_restored_batch()
+        elif self._restored_in_epoch_end():
+            self._finish_restored_epoch()
         super().reset()
 
     def _finish_restored_batch(self) -> None:
@@ -65,11 +71,17 @@ class ExactResumeFitLoop(_FitLoop):
         for loop in (self, self.epoch_loop, self.epoch_loop.val_loop):
             loop.on_iteration_done()
 
-    def run(self) -> None:
-        restored, self._was_reset = self._loaded_from_state_dict, False
-        super().run()
-        if restored and not self._was_reset:  # restored at the very end of the task (an epoch-end checkpoint): nothing ran
-            progress = self.epoch_progress
-            if progress.total.completed == progress.total.processed - 1:
-                progress.increment_completed()  # saved in on_train_epoch_end, just before the epoch closed
+    def _finish_restored_epoch(self) -> None:
+        """Close an epoch restored from an ``on_train_epoch_end`` save.
+
+        (Lightning's restore treats such a checkpoint of a step-based run as an unfinished epoch and runs an
+        empty extra one, which shifts every later epoch's shuffling.) What the uninterrupted run did after
+        the save besides this is logging and stepping ``ReduceLROnPlateau`` schedulers, which cannot be
+        redone: the metric they monitor is not in the checkpoint."""
+        _Loop.restarting.fset(self, False)
+        self.epoch_progress.increment_completed()
         self.clear_restore_state()
+
+    def run(self) -> None:
+        super().run()
+        self.clear_restore_state()  # a restored fit that had nothing left to run leaves no flags behind

@@ -38,7 +38,20 @@ _NOT_STATE = {"training", "_trainer", "_hparams", "_hparams_initial", "_hparams_
               "_compiler_ctx", "_fabric", "_fabric_optimizers", "_log_hyperparams", "_strict_loading",
               "_automatic_optimization", "_device_mesh", "_register_load_state_dict_pre_hook", "_backbone_spec",
               "_eval_counts", "eval_accuracy", "_jit_is_scripting", "_truncated_bptt_steps", "_running_torchscript",
-              "_prepare_data_per_node", "allow_zero_length_dataloader_with_multiple_devices", "_log_on_step"}
+              "_prepare_data_per_node", "_ddp_params_and_buffers_to_ignore",
+              "allow_zero_length_dataloader_with_multiple_devices", "_log_on_step",
+              # per-step scratch and caches, recomputed from checkpointed state before they are read:
+              "_batch_idx",  # iCaRL, GeRe: the loop's batch index, set at the start of every training step
+              "_schedule",  # iCaRL: the exemplar-to-batch schedule, a pure function of (seed, task, epoch, memory)
+              "last_terms",  # InTAct: the last step's loss terms, kept for logging
+              "_live_cache", "_stack_cache",  # masked layers: masks computed from the scores, keyed by their version
+              # counts and results of the latest evaluation, rebuilt by every test run before they are read
+              "_infer_counts", "_select_counts", "_extra_counts", "extra_accuracy",
+              "_last_loss",  # HyperInterval: this step's loss, set in training_step and read after its update
+              # supermasks: the frozen weights' values, taken when every fit starts; only entries that no
+              # step may change are read, and those equal the checkpointed weights
+              "_editable",
+              }
 
 
 def _digest(value: Any) -> str | None:
@@ -154,7 +167,7 @@ class Run:
     checkpoint: dict[str, Any]
 
 
-def run_case(case: Case, root: Path, ckpt_path: Path | None = None, save: SaveAt | None = None, seed: int = 0) -> Run:
+def run_case(case: Case, root: Path, ckpt_path: Path | None = None, save: L.Callback | None = None, seed: int = 0) -> Run:
     """One whole stream; with ``ckpt_path``, resumed from that checkpoint."""
     L.seed_everything(seed)
     data = ContinualDataModule(**case.data)
@@ -208,7 +221,7 @@ def assert_resumed_exactly(full: Run, resumed: Run, label: str) -> None:
     """The resumed run ends where the uninterrupted one does: accuracy matrix, every checkpoint entry
     (weights, strategy state, optimizer, loops, callbacks), and every probed attribute at every step it ran."""
     diff: list[str] = []
-    differences(full.trainer.accuracy_matrix, resumed.trainer.accuracy_matrix, "accuracy_matrix", diff)
+    differences(full.trainer.continual_results, resumed.trainer.continual_results, "results", diff)
     for key in full.checkpoint.keys() | resumed.checkpoint.keys():
         differences(full.checkpoint.get(key), resumed.checkpoint.get(key), key, diff)
     for point, state in resumed.probe.records.items():
