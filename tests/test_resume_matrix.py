@@ -16,6 +16,8 @@ Kill points (checkpoints written where ModelCheckpoint writes them):
   mid_epoch    after the third batch of task 1
   epoch_end    after the last batch of task 1's first epoch (before its validation and epoch-end hooks)
   epoch_hook   in ``on_train_epoch_end`` of that epoch (ModelCheckpoint's ``every_n_epochs``)
+  last_epoch   after the third batch of task 1's last epoch (step-based runs: its second-to-last step),
+               where phase-based strategies (ExSSNeT's weight epochs, OVOR's VOR epoch) are in their last phase
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ import lightning as L
 import pytest
 
 from clframe.callbacks.base import ContinualCallback
-from clframe.strategies import DERpp, ER, EWC, ExSSNeT, GeRe, ICaRL, LwF, OnePrompt, SupSup, WSN
+from clframe.strategies import OVOR, WSN, DERpp, ER, EWC, ExSSNeT, GeRe, ICaRL, LwF, SupSup
 from clframe.strategies.interval import HyperInterval
 from tests.helpers.resume import Case, assert_resumed_exactly, run_case
 
-KILL_POINTS = ("task_end", "task_switch", "mid_epoch", "epoch_end", "epoch_hook")
+KILL_POINTS = ("task_end", "task_switch", "mid_epoch", "epoch_end", "epoch_hook", "last_epoch")
 
 MLP = {"backbone_kwargs": {"hidden_sizes": [32], "dropout": 0.2}}  # dropout draws from the global RNG
 CLASS_IL = {"source": "digits", "n_tasks": 3, "first_task_classes": 2, "batch_size": 64}
@@ -58,18 +60,21 @@ CASES: dict[str, Case] = {
                    {**TASK_IL, "val_fraction": 0.1}, {"epochs_per_task": 3}),
     "WSN": Case(lambda: WSN(backbone_kwargs={"hidden_sizes": [32]}, density=0.3, keep_best=True, optimizer="adam",
                             lr=1e-2), {**TASK_IL, "val_fraction": 0.1}, {"epochs_per_task": 3}),
-    "ExSSNeT": Case(lambda: ExSSNeT(backbone_kwargs={"hidden_sizes": [32]}, density=0.2, weight_epochs=1,
+    "ExSSNeT": Case(lambda: ExSSNeT(backbone_kwargs={"hidden_sizes": [32]}, density=0.2, weight_epochs=2,
                                     sim_init="none", keep_best=True, optimizer="adam", lr=1e-2),
                     {**TASK_IL, "val_fraction": 0.1}, {"epochs_per_task": 3}),
-    # interval (step-based: 12 steps per task, so task 1 spans more than one of its epochs)
+    # interval (step-based: 12 steps per task, so task 1 spans more than one of its epochs; train_loss
+    # selection keeps a copy of the best iterate, restored at the task's end)
     "HyperInterval": Case(lambda: HyperInterval(backbone_kwargs={"hidden_sizes": [16]}, hnet_hidden=[16],
-                                                embedding_dim=4, epsilon=0.3, beta=0.05, lr=3e-3), TASK_IL,
+                                                embedding_dim=4, epsilon=0.3, beta=0.05, lr=3e-3,
+                                                model_selection="train_loss"), TASK_IL,
                           {"steps_per_task": 12}),
-    # prompt (a tiny random ViT)
-    "OnePrompt": Case(lambda: OnePrompt(backbone="vit_tiny_patch16_224", pretrained=False, backbone_kwargs=VIT,
-                                        g_layers=[0], e_layers=[1], g_length=2, e_length=4, lr=0.01),
-                      {**CLASS_IL, "train_samples_per_class": 40, "test_samples_per_class": 10, "batch_size": 16},
-                      {"epochs_per_task": 2}),
+    # prompt (a tiny random ViT); OVOR's last epoch of each task trains the head with virtual outliers
+    "OVOR": Case(lambda: OVOR(backbone="vit_tiny_patch16_224", pretrained=False, backbone_kwargs=VIT, g_layers=[0],
+                              e_layers=[1], g_length=2, e_length=4, lr=0.01,
+                              vor={"epochs": 1, "k": 3, "select": 5, "sample_from": 10, "num_per_class": 5}),
+                 {**CLASS_IL, "train_samples_per_class": 40, "test_samples_per_class": 10, "batch_size": 16},
+                 {"epochs_per_task": 3}),
 }
 
 
@@ -100,6 +105,10 @@ class SaveAtKillPoints(ContinualCallback):
                 self._save(trainer, "mid_epoch")
             if last and not self.epoch_saved:
                 self._save(trainer, "epoch_end")
+            late = step == trainer.max_steps - 1 if trainer.max_steps > 0 else (
+                trainer.current_epoch + 1 == trainer.max_epochs and batch_idx == 2)
+            if late:
+                self._save(trainer, "last_epoch")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.task == 1 and not self.epoch_saved:
