@@ -33,6 +33,7 @@ import pytest
 from clframe.callbacks.base import ContinualCallback
 from clframe.strategies import OVOR, WSN, DERpp, ER, EWC, ExSSNeT, GeRe, ICaRL, LwF, SupSup
 from clframe.strategies.interval import HyperInterval
+from clframe.strategies.replay.view_batch import ViewBatchConfig
 from tests.helpers.resume import Case, assert_resumed_exactly, run_case
 
 KILL_POINTS = ("task_end", "task_switch", "mid_epoch", "epoch_end", "epoch_hook", "last_epoch")
@@ -48,7 +49,11 @@ CASES: dict[str, Case] = {
     "DERpp": Case(lambda: DERpp(buffer_size=40, lr=0.05, **MLP), CLASS_IL),
     "iCaRL": Case(lambda: ICaRL(buffer_size=40, lr=0.05, **MLP), CLASS_IL),
     "GeRe": Case(lambda: GeRe(backbone="mlp", general={"source": "digits", "n": 32}, general_classes=10,
+                              general_eval={"source": "digits", "split": "test", "n": 64},
                               replay_loss="ce+kl+tm", replays_per_batch=8, lr=0.05, **MLP), CLASS_IL),
+    # view-batch: R views of each sample per batch, each sample back every R epochs (sampler position, noise, SSL)
+    "ER-viewbatch": Case(lambda: ER(buffer_size=40, lr=0.05, view_batch=ViewBatchConfig(noise=0.2, ssl=True), **MLP),
+                         {**CLASS_IL, "views_per_sample": 2}, {"epochs_per_task": 3}),
     "ER+InTAct": Case(lambda: ER(buffer_size=40, lr=0.05, intact={"lambda_var": 0.01, "lambda_int": 1.0,
                                                                      "lambda_feat": 1.0},
                                  backbone_kwargs={"hidden_sizes": [32, 32], "dropout": 0.2}), CLASS_IL),
