@@ -145,3 +145,19 @@ def test_resume_matrix_is_bit_exact(tmp_path, name):
 def test_er_resumes_exactly_across_a_task_boundary(tmp_path):
     """The fast guard: killed after a task's last-batch checkpoint, the next (longer) task runs all its batches."""
     check_matrix_row("ER", tmp_path, points=("task_end",))
+
+
+def test_checkpointed_attributes_round_trip_through_a_checkpoint(tmp_path):
+    """Plain-attribute state (keep_best's snapshot) is written into checkpoints, loads weights-only, and comes back."""
+    import torch
+
+    model = WSN(backbone_kwargs={"hidden_sizes": [8]}, keep_best=True, num_classes=4, input_shape=[1, 8, 8],
+                scenario="task", n_tasks=2)
+    model._best = (0.75, [torch.arange(3.0), torch.ones(2, 2)])
+    checkpoint: dict[str, Any] = {}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "c.pt")
+    fresh = WSN(backbone_kwargs={"hidden_sizes": [8]}, keep_best=True, num_classes=4, input_shape=[1, 8, 8],
+                scenario="task", n_tasks=2)
+    fresh.on_load_checkpoint(torch.load(tmp_path / "c.pt", weights_only=True))
+    assert fresh._best[0] == 0.75 and all(torch.equal(a, b) for a, b in zip(fresh._best[1], model._best[1], strict=True))
