@@ -15,6 +15,7 @@ every restore flag when a fit ends, so each task's fit starts from the state an 
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.loops import _FitLoop
 from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.loops.utilities import _is_max_limit_reached
@@ -22,6 +23,8 @@ from lightning.pytorch.loops.utilities import _is_max_limit_reached
 
 class ExactResumeFitLoop(_FitLoop):
     """Lightning's fit loop, plus exact resume after the last batch of an epoch or task (see the module doc)."""
+
+    _finish: str | None = None  # the restored work left to do when this fit starts: "batch", "epoch" or None
 
     @classmethod
     def replacing(cls, loop: _FitLoop) -> ExactResumeFitLoop:
@@ -51,11 +54,20 @@ class ExactResumeFitLoop(_FitLoop):
         return super().skip and not (self._restored_after_closing_batch() or self._restored_in_epoch_end())
 
     def reset(self) -> None:
-        if self._restored_after_closing_batch():
+        self._finish = ("batch" if self._restored_after_closing_batch() else
+                        "epoch" if self._restored_in_epoch_end() else None)
+        if self._finish is None:
+            super().reset()
+        else:  # Lightning's restart bookkeeping would skip the work: it is done in on_run_start instead
+            torch.set_grad_enabled(True)
+
+    def on_run_start(self) -> None:
+        super().on_run_start()  # on_train_start hooks first, as in the uninterrupted run
+        if self._finish == "batch":
             self._finish_restored_batch()
-        elif self._restored_in_epoch_end():
+        elif self._finish == "epoch":
             self._finish_restored_epoch()
-        super().reset()
+        self._finish = None
 
     def _finish_restored_batch(self) -> None:
         """Run what followed the save in the uninterrupted run: the end of the batch, then of its epoch."""
@@ -66,11 +78,6 @@ class ExactResumeFitLoop(_FitLoop):
         self.on_advance_end()  # epoch counters, on_train_epoch_end hooks, epoch schedulers
         self.clear_restore_state()
 
-    def clear_restore_state(self) -> None:
-        """Forget that this loop was restored: the next fit (the next task) starts as a fresh one does."""
-        for loop in (self, self.epoch_loop, self.epoch_loop.val_loop):
-            loop.on_iteration_done()
-
     def _finish_restored_epoch(self) -> None:
         """Close an epoch restored from an ``on_train_epoch_end`` save.
 
@@ -79,8 +86,14 @@ class ExactResumeFitLoop(_FitLoop):
         the save besides this is logging and stepping ``ReduceLROnPlateau`` schedulers, which cannot be
         redone: the metric they monitor is not in the checkpoint."""
         _Loop.restarting.fset(self, False)
-        self.epoch_progress.increment_completed()
+        for counts in (self.epoch_progress.total, self.epoch_progress.current):
+            counts.completed = counts.processed
         self.clear_restore_state()
+
+    def clear_restore_state(self) -> None:
+        """Forget that this loop was restored: the next fit (the next task) starts as a fresh one does."""
+        for loop in (self, self.epoch_loop, self.epoch_loop.val_loop):
+            loop.on_iteration_done()
 
     def run(self) -> None:
         super().run()

@@ -30,6 +30,7 @@ from typing import Any
 import lightning as L
 import pytest
 
+from clframe.callbacks import ContinualEvaluation
 from clframe.callbacks.base import ContinualCallback
 from clframe.strategies import OVOR, WSN, DERpp, ER, EWC, ExSSNeT, GeRe, ICaRL, LwF, SupSup
 from clframe.strategies.interval import HyperInterval
@@ -45,7 +46,8 @@ VIT = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads"
 
 CASES: dict[str, Case] = {
     # replay
-    "ER": Case(lambda: ER(buffer_size=40, lr=0.05, **MLP), CLASS_IL),
+    "ER": Case(lambda: ER(buffer_size=40, lr=0.05, **MLP), CLASS_IL,  # with the stability-gap curves
+               callbacks=lambda: [ContinualEvaluation(every_n_steps=3, samples_per_task=50, plots=False)]),
     "DERpp": Case(lambda: DERpp(buffer_size=40, lr=0.05, **MLP), CLASS_IL),
     "iCaRL": Case(lambda: ICaRL(buffer_size=40, lr=0.05, **MLP), CLASS_IL),
     "GeRe": Case(lambda: GeRe(backbone="mlp", general={"source": "digits", "n": 32}, general_classes=10,

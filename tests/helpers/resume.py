@@ -156,6 +156,7 @@ class Case:
     make_model: Callable[[], ContinualModule]
     data: dict[str, Any]
     trainer: dict[str, Any] = field(default_factory=lambda: {"epochs_per_task": 2})
+    callbacks: Callable[[], list[L.Callback]] = list
 
 
 @dataclass
@@ -173,7 +174,7 @@ def run_case(case: Case, root: Path, ckpt_path: Path | None = None, save: L.Call
     data = ContinualDataModule(**case.data)
     model = case.make_model()
     probe, steps = StateProbe(), TaskSteps()
-    callbacks = [probe, steps] + ([save] if save is not None else [])
+    callbacks = [*case.callbacks(), probe, steps] + ([save] if save is not None else [])
     trainer = ContinualTrainer(default_root_dir=root, callbacks=callbacks, enable_checkpointing=False,
                                **QUIET, **case.trainer)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
