@@ -32,7 +32,7 @@ import pytest
 
 from clframe.callbacks import ContinualEvaluation
 from clframe.callbacks.base import ContinualCallback
-from clframe.strategies import OVOR, WSN, DERpp, ER, EWC, ExSSNeT, GeRe, ICaRL, LwF, SupSup
+from clframe.strategies import ER, EWC, OVOR, WSN, DERpp, ExSSNeT, GeRe, ICaRL, LwF, SupSup
 from clframe.strategies.interval import HyperInterval
 from clframe.strategies.replay.view_batch import ViewBatchConfig
 from tests.helpers.resume import Case, assert_resumed_exactly, run_case

@@ -114,41 +114,6 @@ class StateProbe(ContinualCallback):
         self.records[f"task {task.id} end"] = strategy_state(module)
 
 
-class SaveAt(L.Callback):
-    """Writes ``step=N.ckpt`` after the batch that reaches global step N (what ModelCheckpoint's
-    ``every_n_train_steps`` writes) and ``epoch_end_step=N.ckpt`` in ``on_train_epoch_end`` (what
-    ``every_n_epochs`` writes), for the chosen steps."""
-
-    def __init__(self, dirpath: Path, steps: set[int] = frozenset(), epoch_end_steps: set[int] = frozenset()) -> None:
-        self.dirpath, self.steps, self.epoch_end_steps = Path(dirpath), set(steps), set(epoch_end_steps)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step in self.steps:
-            trainer.save_checkpoint(self.dirpath / f"step={trainer.global_step}.ckpt")
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.global_step in self.epoch_end_steps:
-            trainer.save_checkpoint(self.dirpath / f"epoch_end_step={trainer.global_step}.ckpt")
-
-
-class TaskSteps(ContinualCallback):
-    """The global step at every epoch end and task start/end of a run (to place the kill points)."""
-
-    def __init__(self) -> None:
-        self.epoch_ends: list[int] = []
-        self.task_starts: list[int] = []
-        self.task_ends: list[int] = []
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.epoch_ends.append(trainer.global_step)
-
-    def on_task_start(self, trainer, module, task) -> None:
-        self.task_starts.append(trainer.global_step)
-
-    def on_task_end(self, trainer, module, task) -> None:
-        self.task_ends.append(trainer.global_step)
-
-
 @dataclass
 class Case:
     """One strategy on one small stream."""
@@ -164,21 +129,20 @@ class Run:
     trainer: ContinualTrainer
     model: ContinualModule
     probe: StateProbe
-    steps: TaskSteps
     checkpoint: dict[str, Any]
 
 
 def run_case(case: Case, root: Path, ckpt_path: Path | None = None, save: L.Callback | None = None, seed: int = 0) -> Run:
-    """One whole stream; with ``ckpt_path``, resumed from that checkpoint."""
+    """One whole stream; with ``ckpt_path``, resumed from that checkpoint; ``save`` writes the checkpoints."""
     L.seed_everything(seed)
     data = ContinualDataModule(**case.data)
     model = case.make_model()
-    probe, steps = StateProbe(), TaskSteps()
-    callbacks = [*case.callbacks(), probe, steps] + ([save] if save is not None else [])
+    probe = StateProbe()
+    callbacks = [*case.callbacks(), probe] + ([save] if save is not None else [])
     trainer = ContinualTrainer(default_root_dir=root, callbacks=callbacks, enable_checkpointing=False,
                                **QUIET, **case.trainer)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-    return Run(trainer, model, probe, steps, trainer._checkpoint_connector.dump_checkpoint())
+    return Run(trainer, model, probe, trainer._checkpoint_connector.dump_checkpoint())
 
 
 # Checkpoint entries that legitimately differ between a resumed and an uninterrupted run: the version, and
