@@ -47,6 +47,7 @@ _NOT_STATE = {"training", "_trainer", "_hparams", "_hparams_initial", "_hparams_
               "_live_cache", "_stack_cache",  # masked layers: masks computed from the scores, keyed by their version
               # counts and results of the latest evaluation, rebuilt by every test run before they are read
               "_infer_counts", "_select_counts", "_extra_counts", "extra_accuracy",
+              "_task_accuracy", "_confusion", "eval_confusion",  # the metrics of every evaluation pass
               "_last_loss",  # HyperInterval: this step's loss, set in training_step and read after its update
               # supermasks: the frozen weights' values, taken when every fit starts; only entries that no
               # step may change are read, and those equal the checkpointed weights
