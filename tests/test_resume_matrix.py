@@ -52,7 +52,8 @@ CASES: dict[str, Case] = {
     "iCaRL": Case(lambda: ICaRL(buffer_size=40, lr=0.05, **MLP), CLASS_IL),
     "GeRe": Case(lambda: GeRe(backbone="mlp", general={"source": "digits", "n": 32}, general_classes=10,
                               general_eval={"source": "digits", "split": "test", "n": 64},
-                              replay_loss="ce+kl+tm", replays_per_batch=8, lr=0.05, **MLP), CLASS_IL),
+                              replay_loss="ce+kl+tm", replays_per_batch=8, optimizer="adam", lr=1e-3, **MLP),
+                 CLASS_IL),
     # view-batch: R views of each sample per batch, each sample back every R epochs (sampler position, noise, SSL)
     "ER-viewbatch": Case(lambda: ER(buffer_size=40, lr=0.05, view_batch=ViewBatchConfig(noise=0.2, ssl=True), **MLP),
                          {**CLASS_IL, "views_per_sample": 2}, {"epochs_per_task": 3}),
