@@ -32,6 +32,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from clframe.callbacks.base import ContinualCallback
 from clframe.callbacks.progress import default_task_progress_bar
+from clframe.checkpoints import (
+    check_same_run,
+    checkpoint_kwargs,
+    load_checkpoint,
+    newest_of_this_run,
+    run_identity,
+)
 from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
@@ -188,13 +195,19 @@ class ContinualTrainer(L.Trainer):
             always shards its loaders itself (Lightning's injected sampler would reshuffle with
             its own seed, breaking exact resume, and cannot wrap the per-task batch sampler), so
             Lightning's injection stays off.
+        trust_checkpoints: load checkpoints that hold arbitrary Python objects (their unpickling can
+            run code). Off by default: such a file is refused (see ``clframe.checkpoints``).
+        allow_changed: config keys (``model.lr``, ``data.batch_size``, ``trainer.epochs_per_task``, or a
+            prefix such as ``model``) whose value may differ from the checkpoint's on resume; any
+            other difference is refused.
         All other arguments are Lightning's ``Trainer`` arguments. The default logger is a
         ``CSVLogger`` under ``default_root_dir``. Distributed runs need a strategy that keeps its
         processes across calls (``ddp``), not a spawning one (``ddp_spawn``, ``ddp_notebook``).
     """
 
     def __init__(self, *args: Any, epochs_per_task: int = 1, steps_per_task: int | None = None,
-                 eval_after_task: bool = True, use_distributed_sampler: bool = False, **kwargs: Any) -> None:
+                 eval_after_task: bool = True, use_distributed_sampler: bool = False, trust_checkpoints: bool = False,
+                 allow_changed: list[str] | None = None, **kwargs: Any) -> None:
         if kwargs.get("max_epochs") not in (None, -1):
             raise ConfigError(
                 "ContinualTrainer manages max_epochs itself; set epochs_per_task instead "
@@ -215,6 +228,8 @@ class ContinualTrainer(L.Trainer):
         if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(default_task_progress_bar())  # Lightning's bar, showing "Task k/N · epoch e/E"
         kwargs["callbacks"] = callbacks
+        kwargs.update(checkpoint_kwargs(kwargs, trust_checkpoints))  # atomic sealed saves, safe loads, SIGTERM
+        self.trust_checkpoints, self.allow_changed = trust_checkpoints, list(allow_changed or [])
         super().__init__(*args, max_epochs=epochs_per_task, use_distributed_sampler=False, **kwargs)
         self.fit_loop = ExactResumeFitLoop.replacing(self.fit_loop)  # exact resume at epoch and task ends
         if isinstance(self.strategy.launcher, _MultiProcessingLauncher):
@@ -244,6 +259,7 @@ class ContinualTrainer(L.Trainer):
             raise TypeError("ContinualTrainer.fit takes its data as datamodule=ContinualDataModule(...), not dataloaders")
         stream = datamodule.stream
         model.bind_stream(stream)
+        self._identity = run_identity(self, model, datamodule)
         if ckpt_path is not None:
             ckpt_path = self.resolve_checkpoint(ckpt_path)
         start = self._resume_point(ckpt_path) if ckpt_path is not None else 0
@@ -345,8 +361,8 @@ class ContinualTrainer(L.Trainer):
             logger.log_metrics(metrics, step=self.global_step)
 
     def resolve_checkpoint(self, ckpt_path: str | Path) -> Path:
-        """A checkpoint path, or ``"last"``: the newest ``last*.ckpt`` of the checkpoint callbacks' folders
-        (or anywhere under ``default_root_dir``)."""
+        """A checkpoint path, or ``"last"``: the newest ``last*.ckpt`` written by this run (same settings) in the
+        checkpoint callbacks' folders (or anywhere under ``default_root_dir``)."""
         if str(ckpt_path) != "last":
             return Path(ckpt_path)
         folders = [Path(cb.dirpath) for cb in self.checkpoint_callbacks if getattr(cb, "dirpath", None)]
@@ -358,16 +374,17 @@ class ContinualTrainer(L.Trainer):
                 "enable ModelCheckpoint(save_last=True) (with a fixed dirpath) in the run you want to resume, "
                 "or pass the checkpoint's path."
             )
-        return max(candidates, key=lambda p: p.stat().st_mtime)
+        return newest_of_this_run(candidates, getattr(self, "_identity", {}), self.allow_changed, self.trust_checkpoints)
 
     def _resume_point(self, ckpt_path: str | Path) -> int:
         path = Path(ckpt_path)
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .ckpt file written by this run")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path, trust=self.trust_checkpoints)
         state = ckpt.get("callbacks", {}).get(StreamProgress.state_key)
         if state is None:
             raise ConfigError(f"{path} holds no clframe stream progress; it was not written by a ContinualTrainer run")
+        check_same_run(path, ckpt, self._identity, self.allow_changed)
         self.progress.load_state_dict(state)
         return self.progress.task_id
 
