@@ -18,6 +18,7 @@ Kill points (checkpoints written where ModelCheckpoint writes them):
   epoch_hook   in ``on_train_epoch_end`` of that epoch (ModelCheckpoint's ``every_n_epochs``)
   last_epoch   after the third batch of task 1's last epoch (step-based runs: its second-to-last step),
                where phase-based strategies (ExSSNeT's weight epochs, OVOR's VOR epoch) are in their last phase
+The run resumed from epoch_end is itself checkpointed and resumed again from its last_epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -135,8 +136,12 @@ def check_matrix_row(name: str, root: Path, points: tuple[str, ...] = KILL_POINT
     for point in points:
         ckpt = root / "ckpt" / f"{point}.ckpt"
         assert ckpt.is_file(), f"{name}: the run never reached kill point {point}"
-        resumed = _quiet(run_case, case, root / point, ckpt_path=ckpt)
+        again = SaveAtKillPoints(root / "ckpt2") if point == "epoch_end" else None
+        resumed = _quiet(run_case, case, root / point, ckpt_path=ckpt, save=again)
         assert_resumed_exactly(full, resumed, f"{name} resumed from {point}")
+        if again is not None:  # killed again after the resume: resume the resumed run
+            twice = _quiet(run_case, case, root / "twice", ckpt_path=root / "ckpt2" / "last_epoch.ckpt")
+            assert_resumed_exactly(full, twice, f"{name} resumed from epoch_end, then from last_epoch")
 
 
 @pytest.mark.slow
@@ -146,8 +151,9 @@ def test_resume_matrix_is_bit_exact(tmp_path, name):
 
 
 def test_er_resumes_exactly_across_a_task_boundary(tmp_path):
-    """The fast guard: killed after a task's last-batch checkpoint, the next (longer) task runs all its batches."""
-    check_matrix_row("ER", tmp_path, points=("task_end",))
+    """The fast guard: killed after a task's last-batch checkpoint, the next (longer) task runs all its batches;
+    killed after an epoch's last batch, and again later, the run still ends where the uninterrupted one does."""
+    check_matrix_row("ER", tmp_path, points=("task_end", "epoch_end"))
 
 
 def test_checkpointed_attributes_round_trip_through_a_checkpoint(tmp_path):
