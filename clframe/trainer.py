@@ -43,6 +43,7 @@ from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
 from clframe.loggers import log_stream_to_wandb
+from clframe.loops import ExactResumeFitLoop
 from clframe.metrics.matrix import summarize_matrix
 from clframe.metrics.summary import format_results
 from clframe.metrics.task_accuracy import per_class_accuracy
@@ -246,6 +247,7 @@ class ContinualTrainer(L.Trainer):
         kwargs.update(checkpoint_kwargs(kwargs, trust_checkpoints))  # atomic sealed saves, safe loads, SIGTERM
         self.trust_checkpoints, self.allow_changed = trust_checkpoints, list(allow_changed or [])
         super().__init__(*args, max_epochs=epochs_per_task, use_distributed_sampler=False, **kwargs)
+        self.fit_loop = ExactResumeFitLoop.replacing(self.fit_loop)  # exact resume at epoch and task ends
         if isinstance(self.strategy.launcher, _MultiProcessingLauncher):
             raise ConfigError(
                 "spawning strategies (ddp_spawn, ddp_fork, ddp_notebook) start new processes for every fit/test call, "

@@ -52,7 +52,9 @@ class ResumableDataLoader(DataLoader):
         return self.batch_sampler if isinstance(self.batch_sampler, PerTaskBatchSampler) else self.sampler
 
     def __iter__(self):
-        self._yielded, self._resumed = self._resumed, 0  # batches of this epoch already consumed
+        resumed, self._resumed = self._resumed, 0  # batches of this epoch already consumed
+        # ... unless the sampler dropped that position: the restored epoch was over and a new one begins
+        self._yielded = resumed if self._order().start else 0
         for batch in super().__iter__():
             self._yielded += 1
             yield batch

@@ -45,6 +45,8 @@ class SupermaskModule(ContinualModule):
         Other arguments: see :class:`~clframe.strategies.base.ContinualModule`.
     """
 
+    checkpointed_attributes = ("_best",)  # keep_best's snapshot: a resumed task restores the same epoch
+
     def __init__(self, backbone: str = "mlp", density: float = 0.5, n_tasks: int | None = None,
                  keep_best: bool = False, **kwargs: Any) -> None:
         super().__init__(backbone=backbone, **kwargs)
