@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -64,6 +65,8 @@ class EWC(ContinualModule):
         super().__init__(**kwargs)
         if ewc_lambda < 0:
             raise ConfigError(f"ewc_lambda must be non-negative, got {ewc_lambda}")
+        if not 0.0 <= gamma <= 1.0:  # a decay: outside [0, 1] old Fisher terms grow or change sign
+            raise ConfigError(f"EWC gamma (decay of the accumulated Fisher) must be in [0, 1], got {gamma}")
         if fisher_method not in ("closed_form", "per_sample"):
             raise ConfigError(f"fisher_method must be 'closed_form' or 'per_sample', got {fisher_method!r}")
         self.register_buffer("ewc_fisher", torch.empty(0))
@@ -152,13 +155,15 @@ class LwF(ContinualModule):
                  distill_classes: Literal["seen", "old"] = "seen", weighting: Literal["sum", "balanced"] = "sum",
                  scale_by_t2: bool = False, warmup_epochs: int | None = None, warmup_lr: float | None = None,
                  **kwargs: Any) -> None:
+        if not math.isfinite(temperature) or temperature <= 0:  # softmax(z / 0) is NaN at the first distillation step
+            raise ConfigError(f"LwF temperature must be a positive number (the paper uses 2), got {temperature}")
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ConfigError(f"LwF alpha (distillation weight) must be non-negative, got {alpha}")
         super().__init__(**kwargs)
         if distill_classes not in ("seen", "old"):
             raise ConfigError(f"distill_classes must be 'seen' or 'old', got {distill_classes!r}")
         if weighting not in ("sum", "balanced"):
             raise ConfigError(f"weighting must be 'sum' or 'balanced', got {weighting!r}")
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be positive, got {temperature}")
         if warmup_epochs is not None and warmup_epochs < 0:
             raise ConfigError(f"warmup_epochs must be non-negative (0 turns the warm-up off), got {warmup_epochs}")
         self.teacher: nn.Module | None = None
