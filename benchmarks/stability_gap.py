@@ -16,9 +16,9 @@ plots of seed 0.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
-import csv
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
