@@ -99,7 +99,9 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
 
 
 class ContinualCLI(LightningCLI):
-    """LightningCLI with clframe's trainer and data module, any ContinualModule as the model."""
+    """LightningCLI with clframe's trainer, any ContinualModule as the model and any ContinualDataModule
+    (``--data=mymodule.MyDataModule`` or ``data: {class_path: ..., init_args: ...}``) as the data; without a
+    class path the data options (``data: {source: mnist}``, ``--data.n_tasks=10``) go to ContinualDataModule."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         catalog.strategies()  # import every strategy family, so short names (--model=HyperInterval) resolve
@@ -107,6 +109,7 @@ class ContinualCLI(LightningCLI):
             model_class=ContinualModule,
             subclass_mode_model=True,
             datamodule_class=ContinualDataModule,
+            subclass_mode_data=True,
             trainer_class=ContinualTrainer,
             seed_everything_default=0,
             parser_class=ClframeArgumentParser,
@@ -116,6 +119,10 @@ class ContinualCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The data module class when a config gives only its options (every config written before subclass mode)."""
+        parser.set_defaults({"data": {"class_path": f"{ContinualDataModule.__module__}.{ContinualDataModule.__name__}"}})
 
 
 def with_default_config(argv: list[str]) -> list[str]:

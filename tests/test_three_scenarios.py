@@ -114,3 +114,37 @@ def test_from_stream_takes_the_scenario_of_its_stream() -> None:
     assert dm.hparams.scenario == "task" and dm.stream is stream
     with pytest.raises(ScenarioError, match="leave scenario out"):
         ContinualDataModule.from_stream(stream, scenario="class")
+
+
+CUSTOM_MODULE = '''
+from clframe.data.datamodule import ContinualDataModule
+
+
+class TinyDigits(ContinualDataModule):
+    """A user's data module with one option of its own."""
+
+    def __init__(self, label: str = "mine", **kwargs):
+        super().__init__(**kwargs)
+        self.label = label
+'''
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_cli_takes_a_custom_data_module_and_keeps_the_shorthand(tmp_path, monkeypatch, how: str) -> None:
+    from clframe.cli import ContinualCLI
+
+    (tmp_path / "my_data.py").write_text(CUSTOM_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if how == "flag":
+        args = ["--data=my_data.TinyDigits", "--data.label=ours", "--data.n_tasks=2"]
+    else:
+        (tmp_path / "c.yaml").write_text("data:\n  class_path: my_data.TinyDigits\n  init_args:\n    label: ours\n"
+                                         "    n_tasks: 2\n")
+        args = ["--config", str(tmp_path / "c.yaml")]
+    cli = ContinualCLI(args=["--model=Finetune", f"--trainer.default_root_dir={tmp_path}", *args], run=False)
+    assert type(cli.datamodule).__name__ == "TinyDigits"
+    assert cli.datamodule.label == "ours" and cli.datamodule.hparams.n_tasks == 2
+    # without a class path the options still go to ContinualDataModule
+    plain = ContinualCLI(args=["--model=Finetune", "--data.n_tasks=2", "--data.source=digits",
+                               f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert type(plain.datamodule) is ContinualDataModule and plain.datamodule.hparams.n_tasks == 2
