@@ -55,6 +55,12 @@ def _strategy_class(path: str) -> type | None:
     return catalog.strategies().get(name)
 
 
+def _not_allowed(key: str | None, choices: str, value: str) -> str:
+    allowed = [a.strip().strip("'\"") for a in choices.split(",")]
+    return (f"{key}: {value.strip()!r} is not allowed{_did_you_mean(value.strip(), allowed)}; "
+            f"choose one of: {', '.join(allowed)}")
+
+
 def explain_parser_error(message: str, parser: Any = None) -> str:
     """Rewrite jsonargparse's nested error text into "<key>: what is wrong; what is allowed".
 
@@ -70,6 +76,8 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
         return (f"{key or 'model'}.init_args.{m.group(2)}: {m.group(1)} has no option {m.group(2)!r}"
                 f"{_did_you_mean(m.group(2), options)}{allowed}")
     if m := re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Parser key \"([\w.]+)\":\s*\n\s*(.+)", message):
+        if key == "data" and (lit := re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", m.group(3))):
+            return _not_allowed(f"data.{m.group(2)}", lit.group(1), lit.group(2))  # data options keep their short names
         return f"{key or 'model'}.init_args.{m.group(2)} ({m.group(1)}): {m.group(3).strip()}"
     if key == "model" and (m := re.search(r"Expected a dot import path string: (\S+)", message)
                            or re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*module .* has no attribute", message)):
@@ -81,9 +89,7 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
         return (f"model: unknown strategy {wanted!r}{_did_you_mean(wanted.rsplit('.', 1)[-1], names)}; choose one of: "
                 f"{', '.join(names)}, or give the import path of your own ContinualModule subclass")
     if m := re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", message):
-        allowed = [a.strip().strip("'\"") for a in m.group(1).split(",")]
-        return (f"{key}: {m.group(2).strip()!r} is not allowed{_did_you_mean(m.group(2).strip(), allowed)}; "
-                f"choose one of: {', '.join(allowed)}")
+        return _not_allowed(key, m.group(1), m.group(2))
     if m := re.search(r"does not accept option '([\w.]+)'", message):
         known = [a.dest for a in getattr(parser, "_actions", []) if isinstance(getattr(a, "dest", None), str)]
         return f"unknown config key {m.group(1)!r}{_did_you_mean(m.group(1), known)}; see `clframe fit --help`"
