@@ -114,6 +114,8 @@ def test_from_stream_takes_the_scenario_of_its_stream() -> None:
     assert dm.hparams.scenario == "task" and dm.stream is stream
     with pytest.raises(ScenarioError, match="leave scenario out"):
         ContinualDataModule.from_stream(stream, scenario="class")
+    with pytest.raises(ScenarioError, match="served as built"):
+        ContinualDataModule.from_stream(stream, image_size=32)
 
 
 CUSTOM_MODULE = '''

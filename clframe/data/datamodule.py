@@ -150,6 +150,9 @@ class ContinualDataModule(L.LightningDataModule):
         if given != stream.scenario:
             raise ScenarioError(f"scenario={given!r} was given for a {stream.scenario}-incremental stream; the data "
                                 "module serves the stream as built, so leave scenario out (or build the stream again)")
+        if kwargs.get("image_size") is not None:
+            raise ScenarioError("image_size resizes images while the data module builds its stream; a given stream "
+                                "is served as built. Resize its source first (clframe.data.resize.resize_source).")
         dm = cls(scenario=stream.scenario, **kwargs)
         dm._stream = stream
         return dm
