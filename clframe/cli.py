@@ -19,6 +19,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from clframe import catalog
+from clframe.config_tags import refuse_python_tags
 from clframe.data.datamodule import ContinualDataModule
 from clframe.errors import ClframeError
 from clframe.strategies.base import ContinualModule
@@ -69,6 +70,11 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
     head = re.match(r'Parser key "([\w.]+)":', message)
     key = head.group(1) if head else None
     names = list(catalog.strategies())
+    if m := re.search(r"Import path ?([\w.]*) does not correspond to a subclass of (\w+)", message):
+        given = m.group(1) or (g.group(1).strip() if (g := re.search(r"Given value: (.*)", message)) else "?")
+        hint = f"; choose one of: {', '.join(names)}" if m.group(2) == "ContinualModule" else ""
+        return (f"{key or 'class_path'}: class_path {given!r} is not a {m.group(2)} subclass, so it is refused "
+                f"(a config may only name {m.group(2)} classes here; nothing else is built or run){hint}")
     if m := re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message):
         cls = _strategy_class(m.group(1))
         options = catalog.init_options(cls) if cls is not None else []
@@ -110,6 +116,7 @@ class ContinualCLI(LightningCLI):
     class path the data options (``data: {source: mnist}``, ``--data.n_tasks=10``) go to ContinualDataModule."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        refuse_python_tags(sys.argv[1:] if args is None else list(args))
         catalog.strategies()  # import every strategy family, so short names (--model=HyperInterval) resolve
         super().__init__(
             model_class=ContinualModule,
@@ -129,6 +136,11 @@ class ContinualCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The data module class when a config gives only its options (every config written before subclass mode)."""
         parser.set_defaults({"data": {"class_path": f"{ContinualDataModule.__module__}.{ContinualDataModule.__name__}"}})
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the user's config on resume, however ``--ckpt_path`` is written. (LightningCLI would silently
+        replace the model with the checkpoint's when the path is a file.) ``ContinualTrainer.fit`` compares
+        the config with the checkpoint's and refuses any difference, listing them."""
 
 
 def with_default_config(argv: list[str]) -> list[str]:
