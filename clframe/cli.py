@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -21,13 +22,16 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from clframe import catalog
 from clframe.config_tags import refuse_python_tags
 from clframe.data.datamodule import ContinualDataModule
-from clframe.errors import ClframeError
+from clframe.diagnose import chain, debug_requested, explain, explain_parser_value
+from clframe.errors import ClframeError, ConfigError
 from clframe.strategies.base import ContinualModule
 from clframe.trainer import ContinualTrainer
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
+SEED_MAX = 2**32 - 1
 DESCRIPTION = ("clframe: continual learning on PyTorch Lightning.\n"
-               "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.")
+               "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.\n"
+               "Errors end in one paragraph; add --debug (or set CLFRAME_DEBUG=1) to see the full traceback.")
 
 
 class _CatalogHelpFormatter(DefaultHelpFormatter):
@@ -43,6 +47,11 @@ class ClframeArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if self.exit_on_error:  # the message the user will read; inner parsers' messages stay raw for it
             message = explain_parser_error(message, getattr(ex, "subcommand_parser", None) or self)
+            if not debug_requested():  # the message alone, in one paragraph, not 75 lines of usage before it
+                message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+                self._logger.error(message)
+                sys.stderr.write(f"tip: `clframe fit --help` lists every option\nerror: {message}\n")
+                self.exit(2)
         super().error(message, ex)
 
 
@@ -70,6 +79,11 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
     head = re.match(r'Parser key "([\w.]+)":', message)
     key = head.group(1) if head else None
     names = list(catalog.strategies())
+    if key == "data" and (m := re.search(r"class_path '[\w.]+':\s*\n\s*Parser key \"([\w.]+)\":\s*\n\s*"
+                                         r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", message)):
+        return _not_allowed(f"data.{m.group(1)}", m.group(2), m.group(3))  # data options keep their short names
+    if explained := explain_parser_value(message, key):
+        return explained
     if m := re.search(r"Import path ?([\w.]*) does not correspond to a subclass of (\w+)", message):
         given = m.group(1) or (g.group(1).strip() if (g := re.search(r"Given value: (.*)", message)) else "?")
         hint = f"; choose one of: {', '.join(names)}" if m.group(2) == "ContinualModule" else ""
@@ -82,8 +96,6 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
         return (f"{key or 'model'}.init_args.{m.group(2)}: {m.group(1)} has no option {m.group(2)!r}"
                 f"{_did_you_mean(m.group(2), options)}{allowed}")
     if m := re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Parser key \"([\w.]+)\":\s*\n\s*(.+)", message):
-        if key == "data" and (lit := re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", m.group(3))):
-            return _not_allowed(f"data.{m.group(2)}", lit.group(1), lit.group(2))  # data options keep their short names
         return f"{key or 'model'}.init_args.{m.group(2)} ({m.group(1)}): {m.group(3).strip()}"
     if key == "model" and (m := re.search(r"Expected a dot import path string: (\S+)", message)
                            or re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*module .* has no attribute", message)):
@@ -137,6 +149,14 @@ class ContinualCLI(LightningCLI):
         """The data module class when a config gives only its options (every config written before subclass mode)."""
         parser.set_defaults({"data": {"class_path": f"{ContinualDataModule.__module__}.{ContinualDataModule.__name__}"}})
 
+    def _set_seed(self) -> None:
+        """Refuse a seed NumPy cannot take with the option's name, before Lightning fails on it."""
+        seed = self._get(self.config, "seed_everything")
+        if not isinstance(seed, bool) and seed is not None and not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"seed_everything must be between 0 and {SEED_MAX} (NumPy's seed range), got {seed}; "
+                              "pick a seed in that range, or true for a random one")
+        super()._set_seed()
+
     def _parse_ckpt_path(self) -> None:
         """Keep the user's config on resume, however ``--ckpt_path`` is written. (LightningCLI would silently
         replace the model with the checkpoint's when the path is a file.) ``ContinualTrainer.fit`` compares
@@ -157,27 +177,29 @@ def run_cli(args: Sequence[str] | None = None) -> ContinualCLI:
 
 
 def main() -> None:
-    """Console-script entry point: bad input ends with one readable paragraph and exit status 2."""
-    sys.argv = [sys.argv[0], *with_default_config(sys.argv[1:])]
+    """Console-script entry point: any error ends with one readable paragraph (see :mod:`clframe.diagnose`).
+
+    Bad input exits with status 2, anything unrecognised with 1; ``--debug`` or ``CLFRAME_DEBUG=1``
+    prints the full traceback too. Nothing written before the error is touched.
+    """
+    argv = sys.argv[1:]
+    debug = "--debug" in argv or debug_requested()
+    sys.argv = [sys.argv[0], *with_default_config([a for a in argv if a != "--debug"])]
     try:
         ContinualCLI()
-    except ValueError as err:
-        cause = input_error(err)
-        if cause is None:
-            raise  # not bad input: a bug, keep the traceback
-        print(f"clframe: error: {cause}", file=sys.stderr)
-        sys.exit(2)
+    except (SystemExit, KeyboardInterrupt):
+        raise  # the parser's one-line errors (2), --help, SIGTERM (143, see clframe.checkpoints) and Ctrl-C
+    except BaseException as err:  # noqa: BLE001 - this is the one place every error is turned into words
+        report = explain(err)
+        if debug:
+            traceback.print_exception(err)
+        print(f"clframe: error: {report.message}", file=sys.stderr)
+        sys.exit(report.status)
 
 
 def input_error(err: BaseException) -> ClframeError | None:
     """The ClframeError behind ``err`` (jsonargparse wraps errors raised while building classes)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, ClframeError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    return next((e for e in chain(err) if isinstance(e, ClframeError)), None)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ class ResumableDataLoader(DataLoader):
         return self.batch_sampler if isinstance(self.batch_sampler, PerTaskBatchSampler) else self.sampler
 
     def __iter__(self):
-        self._yielded, self._resumed = self._resumed, 0  # batches of this epoch already consumed
+        resumed, self._resumed = self._resumed, 0  # batches of this epoch already consumed
+        # ... unless the sampler dropped that position: the restored epoch was over and a new one begins
+        self._yielded = resumed if self._order().start else 0
         for batch in super().__iter__():
             self._yielded += 1
             yield batch
@@ -142,6 +144,9 @@ class ContinualDataModule(L.LightningDataModule):
                            build_pipeline(eval_transforms, "data.eval_transforms"))
         if batch_size < 1 or eval_batch_size < 1:
             raise ScenarioError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        if num_workers < 0:
+            raise ScenarioError(f"num_workers must be 0 (load in the main process) or a positive number of loader "
+                                f"processes, got {num_workers}")
         if views_per_sample < 1 or batch_size % views_per_sample:
             raise ScenarioError(f"views_per_sample ({views_per_sample}) must be positive and divide batch_size "
                                 f"({batch_size}): every batch holds batch_size / views_per_sample samples x their views")
