@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> None:
     index, count = (int(x) for x in args.worker.split("/"))
     out = results_file(args.benchmark, args.steps, args.tag)
     out.parent.mkdir(parents=True, exist_ok=True)
-    overrides = [*(["--trainer.steps_per_task=%d" % args.steps] if args.steps else []), "--trainer.logger=false",
+    overrides = [*([f"--trainer.steps_per_task={args.steps}"] if args.steps else []), "--trainer.logger=false",
                  *args.override]
     for k, (seed, scen, method) in enumerate(jobs(args)):
         if k % count != index or (seed, scen, method) in done(out):

@@ -84,7 +84,7 @@ def test_domain_split_model_has_a_shared_head_without_masks() -> None:
 ])
 def test_combinations_that_cannot_work_stop_with_one_clear_error(kwargs: dict, match: str) -> None:
     with pytest.raises(ScenarioError, match=match):
-        ContinualDataModule(source="digits", **kwargs).stream
+        ContinualDataModule(source="digits", **kwargs).build_stream()
 
 
 def test_domain_is_the_older_name_of_tasks() -> None:

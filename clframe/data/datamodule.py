@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clframe.data.augment import TransformSpec, build_pipeline
-from clframe.data.samplers import EpochShuffleSampler, PerTaskBatchSampler, ShardSampler
 from clframe.data.resize import check_resize, resize_source
+from clframe.data.samplers import EpochShuffleSampler, PerTaskBatchSampler, ShardSampler
 from clframe.data.scenarios import (
     ScenarioError,
     check_unused_options,
