@@ -65,6 +65,12 @@ def _strategy_class(path: str) -> type | None:
     return catalog.strategies().get(name)
 
 
+def _not_allowed(key: str | None, choices: str, value: str) -> str:
+    allowed = [a.strip().strip("'\"") for a in choices.split(",")]
+    return (f"{key}: {value.strip()!r} is not allowed{_did_you_mean(value.strip(), allowed)}; "
+            f"choose one of: {', '.join(allowed)}")
+
+
 def explain_parser_error(message: str, parser: Any = None) -> str:
     """Rewrite jsonargparse's nested error text into "<key>: what is wrong; what is allowed".
 
@@ -73,6 +79,9 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
     head = re.match(r'Parser key "([\w.]+)":', message)
     key = head.group(1) if head else None
     names = list(catalog.strategies())
+    if key == "data" and (m := re.search(r"class_path '[\w.]+':\s*\n\s*Parser key \"([\w.]+)\":\s*\n\s*"
+                                         r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", message)):
+        return _not_allowed(f"data.{m.group(1)}", m.group(2), m.group(3))  # data options keep their short names
     if explained := explain_parser_value(message, key):
         return explained
     if m := re.search(r"Import path ?([\w.]*) does not correspond to a subclass of (\w+)", message):
@@ -98,9 +107,7 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
         return (f"model: unknown strategy {wanted!r}{_did_you_mean(wanted.rsplit('.', 1)[-1], names)}; choose one of: "
                 f"{', '.join(names)}, or give the import path of your own ContinualModule subclass")
     if m := re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", message):
-        allowed = [a.strip().strip("'\"") for a in m.group(1).split(",")]
-        return (f"{key}: {m.group(2).strip()!r} is not allowed{_did_you_mean(m.group(2).strip(), allowed)}; "
-                f"choose one of: {', '.join(allowed)}")
+        return _not_allowed(key, m.group(1), m.group(2))
     if m := re.search(r"does not accept option '([\w.]+)'", message):
         known = [a.dest for a in getattr(parser, "_actions", []) if isinstance(getattr(a, "dest", None), str)]
         return f"unknown config key {m.group(1)!r}{_did_you_mean(m.group(1), known)}; see `clframe fit --help`"
@@ -116,7 +123,9 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
 
 
 class ContinualCLI(LightningCLI):
-    """LightningCLI with clframe's trainer and data module, any ContinualModule as the model."""
+    """LightningCLI with clframe's trainer, any ContinualModule as the model and any ContinualDataModule
+    (``--data=mymodule.MyDataModule`` or ``data: {class_path: ..., init_args: ...}``) as the data; without a
+    class path the data options (``data: {source: mnist}``, ``--data.n_tasks=10``) go to ContinualDataModule."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         refuse_python_tags(sys.argv[1:] if args is None else list(args))
@@ -125,6 +134,7 @@ class ContinualCLI(LightningCLI):
             model_class=ContinualModule,
             subclass_mode_model=True,
             datamodule_class=ContinualDataModule,
+            subclass_mode_data=True,
             trainer_class=ContinualTrainer,
             seed_everything_default=0,
             parser_class=ClframeArgumentParser,
@@ -134,6 +144,10 @@ class ContinualCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The data module class when a config gives only its options (every config written before subclass mode)."""
+        parser.set_defaults({"data": {"class_path": f"{ContinualDataModule.__module__}.{ContinualDataModule.__name__}"}})
 
     def _set_seed(self) -> None:
         """Refuse a seed NumPy cannot take with the option's name, before Lightning fails on it."""
