@@ -16,8 +16,9 @@ from tests.conftest import QUIET_TRAINER
 
 def _run(tmp_path: Path, scenario: str, **model) -> ContinualTrainer:
     L.seed_everything(0, verbose=False)
+    shift = {"tasks": "permutation"} if scenario == "domain" else {}
     data = ContinualDataModule(source="digits", scenario=scenario, n_tasks=2, batch_size=32, eval_all_tasks=True,
-                               train_samples_per_class=20, test_samples_per_class=10)
+                               train_samples_per_class=20, test_samples_per_class=10, **shift)
     trainer = ContinualTrainer(epochs_per_task=1, default_root_dir=tmp_path, logger=False, **QUIET_TRAINER)
     trainer.fit(Finetune(lr=0.05, **model), datamodule=data)
     return trainer
