@@ -133,6 +133,10 @@ def run_cli(args: Sequence[str] | None = None) -> ContinualCLI:
 
 def main() -> None:
     """Console-script entry point: bad input ends with one readable paragraph and exit status 2."""
+    if sys.argv[1:2] and sys.argv[1] in ("bench", "report", "compare"):  # suites of runs, not a LightningCLI
+        from clframe.bench.cli import main as bench_main
+
+        sys.exit(bench_main(sys.argv[1:]))
     sys.argv = [sys.argv[0], *with_default_config(sys.argv[1:])]
     try:
         ContinualCLI()
