@@ -176,10 +176,10 @@ def tables(suite: Suite, records: list[Record], missing: list[tuple[Run, int, st
                                                            f"{published[0]:.{digits}f} ± {published[1]:.{digits}f}")
                     line += [shown, "–" if diff is None else f"{diff:+.{digits}f}{' ' + WARN if outside else ''}"]
                 writer.writerow([row, col, m.name, cell.n, _num(cell.mean, cell.n), _num(cell.sd, cell.n),
-                                 " ".join(f"{v:.6g}" for v in cell.values),
+                                 " ".join(f"{v:.10g}" for v in cell.values),
                                  "" if published is None else published[0],
                                  "" if published is None or published[1] is None else published[1],
-                                 "" if diff is None else f"{diff:.6g}", int(outside)])
+                                 "" if diff is None else f"{diff:.10g}", int(outside)])
         lines.append("| " + " | ".join(line) + " |")
     notes = [f"Cells: mean ± sample sd over seeds (n). Suite `{suite.name}`, {len(records)} finished run(s)."]
     if ref and ref_metric:
@@ -191,7 +191,7 @@ def tables(suite: Suite, records: list[Record], missing: list[tuple[Run, int, st
 
 
 def _num(value: float, n: int) -> str:
-    return f"{value:.6g}" if n else ""
+    return f"{value:.10g}" if n else ""
 
 
 def write_report(suite: Suite, metrics: list[str] | None = None, out: Path | None = None, digits: int = 2,

@@ -22,6 +22,7 @@ from typing import TextIO
 from clframe.bench.suite import Run, Suite, SuiteError
 
 CHECKPOINT = "checkpoints/last.ckpt"
+FIT_PROGRAM = [sys.executable, "-m", "clframe.cli"]  # what runs a job (the same interpreter as bench)
 
 
 @dataclass
@@ -123,12 +124,13 @@ def _write_status(job: Job, **status: object) -> None:
 
 
 def run_suite(suite: Suite, jobs: int = 1, gpus: list[str] | None = None, only: list[int] | None = None,
-              dry_run: bool = False, out: TextIO = sys.stderr, poll: float = 0.5) -> int:
+              dry_run: bool = False, out: TextIO | None = None, poll: float = 0.5) -> int:
     """Run every unfinished job of the suite, ``jobs`` at a time; return 0 when all finished, 1 otherwise.
 
     Threads are split between concurrent runs (``OMP_NUM_THREADS = cores // jobs``); with ``gpus`` each
     concurrent slot sees one device through ``CUDA_VISIBLE_DEVICES``.
     """
+    out = out or sys.stderr
     todo = make_jobs(suite, only)
     missing = sorted({str(suite.config_path(j.run)) for j in todo if not suite.config_path(j.run).is_file()})
     if missing:
@@ -211,7 +213,7 @@ def _start(suite: Suite, job: Job, threads: int, gpu: str | None) -> subprocess.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    cmd = [sys.executable, "-m", "clframe.cli", *fit_args(suite, job, ckpt)]
+    cmd = [*FIT_PROGRAM, *fit_args(suite, job, ckpt)]
     _write_status(job, status="running", resumed_from=str(ckpt) if ckpt else None, command=command_line(suite, job, ckpt))
     with open(job.dir / "stdout.log", "w") as so, open(job.dir / "stderr.log", "w") as se:
         return subprocess.Popen(cmd, stdout=so, stderr=se, env=env, preexec_fn=_die_with_parent)
