@@ -55,6 +55,8 @@ FAKE_FIT = textwrap.dedent('''
     (log / "results.json").write_text(json.dumps({"seed": seed, "metrics": {"final/avg_acc": acc,
         "final/avg_forgetting": 0.5 - acc / 2}, "accuracy_matrix": [[0.9, None], [acc, acc]]}))
     (log / "config.yaml").write_text(f"seed_everything: {seed}\\nmodel:\\n  init_args:\\n    lr: {lr}\\n")
+    (log / "continual_eval.csv").write_text("step,trained_task,acc_task_0,acc_task_1\\n0,0,0.1,\\n5,0,0.9,\\n"
+                                            f"6,1,{0.2 + seed / 10},0.3\\n10,1,0.8,{acc}\\n")
     (out / "peak.json").write_text(json.dumps(peak))
     (live / str(seed * 1000 + int(lr * 100))).unlink()
 ''')
@@ -204,6 +206,7 @@ def test_report_mean_sd_equal_a_hand_computation_and_mark_the_reference(fake_fit
     a_acc = next(r for r in csv_rows if r[0] == "method a" and r[2] == "final/avg_acc")
     assert float(a_acc[4]) == pytest.approx(by_hand["a"][0]) and float(a_acc[5]) == pytest.approx(by_hand["a"][1])
     assert (suite.out / "report/avg_acc_per_task.png").stat().st_size > 1000
+    assert (suite.out / "report/stability_gap.png").stat().st_size > 1000  # from the runs' continual_eval.csv
     records, missing = collect(suite)
     assert len(records) == 5 and [(r.label, s) for r, s, _ in missing] == [("b", 2)]
 
@@ -257,6 +260,7 @@ def _table(suite: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # about 8 short `clframe fit` processes, two at a time
 def test_digits_suite_runs_two_at_a_time_and_a_killed_suite_resumes_to_the_same_table(tmp_path):
     """2 methods x 2 seeds with --jobs 2, uninterrupted; then the same suite killed once a run has a
     checkpoint and rerun: the resumed runs finish with exactly the same table."""
