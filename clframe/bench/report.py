@@ -89,8 +89,8 @@ def _why_missing(folder: Path) -> str:
         last = (status.get("error") or "").strip().splitlines()
         return f"failed (exit {status.get('returncode')}): {last[-1] if last else ''}"
     if (folder / "checkpoints" / "last.ckpt").is_file():
-        return "interrupted or running (has a checkpoint; `clframe bench` resumes it)"
-    return str(status.get("status", "not run"))
+        return "running or interrupted; resumes from its checkpoint"
+    return "running or interrupted before its first checkpoint"
 
 
 def folder_suite(folder: Path, metrics: list[str] | None = None) -> Suite:
@@ -186,8 +186,17 @@ def tables(suite: Suite, records: list[Record], missing: list[tuple[Run, int, st
         tol = f"; {WARN}: |difference| > {ref.tolerance:g} ({flagged} cell(s))" if ref.tolerance is not None else ""
         notes.append(f"Published: {ref.source} (metric `{ref_metric}`){tol}.")
     if missing:
-        notes.append(f"Missing {len(missing)} run(s): " + "; ".join(f"{r.label} seed {s} ({why})" for r, s, why in missing))
+        notes.append(f"Missing {len(missing)} run(s): " + _describe_missing(missing))
     return "\n".join([*( [f"## {suite.description}", ""] if suite.description else []), *lines, "", *notes]) + "\n", out.getvalue()
+
+
+def _describe_missing(missing: list[tuple[Run, int, str]]) -> str:
+    """``label seeds 0, 1 (why)``, one entry per label and reason."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for run, seed, why in missing:
+        groups.setdefault((run.label, why), []).append(seed)
+    return "; ".join(f"{label} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} ({why})"
+                     for (label, why), seeds in groups.items())
 
 
 def _num(value: float, n: int) -> str:
