@@ -26,7 +26,9 @@ from clframe.trainer import ContinualTrainer
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 DESCRIPTION = ("clframe: continual learning on PyTorch Lightning.\n"
-               "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.")
+               "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.\n"
+               "Suites of runs (methods x seeds): `clframe bench SUITE.yaml --jobs N`, `clframe report SUITE.yaml`, "
+               "`clframe compare RUN_DIR...` (see `clframe bench --help`).")
 
 
 class _CatalogHelpFormatter(DefaultHelpFormatter):

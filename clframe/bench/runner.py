@@ -120,7 +120,13 @@ class Progress:
 
 
 def _write_status(job: Job, **status: object) -> None:
-    (job.dir / "bench.json").write_text(json.dumps({"label": job.run.label, "seed": job.seed, **status}, indent=1))
+    """Update the job's ``bench.json`` (the command and checkpoint of its last start stay beside its outcome)."""
+    path = job.dir / "bench.json"
+    try:
+        old = json.loads(path.read_text()) if "command" not in status else {}
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    path.write_text(json.dumps({**old, "label": job.run.label, "seed": job.seed, **status}, indent=1))
 
 
 def run_suite(suite: Suite, jobs: int = 1, gpus: list[str] | None = None, only: list[int] | None = None,
