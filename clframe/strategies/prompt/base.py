@@ -34,7 +34,7 @@ from clframe.errors import ConfigError
 from clframe.strategies.base import OPTIMIZERS, ContinualModule
 from clframe.strategies.prompt.ovor import VORConfig, synthesize_outliers, vor_loss
 from clframe.strategies.prompt.vit import PromptViT
-from clframe.strategies.replay.view_batch import crop_flip
+from clframe.data.augment import crop_flip
 
 Phase = Literal["prompt", "head", "vor"]
 
@@ -77,6 +77,9 @@ class PromptModule(ContinualModule):
 
     query_passes: int = 1
     """Prompt-free forward passes per image for the query (OnePrompt: 0)."""
+
+    checkpointed_attributes = ("_phase", "_vor_outliers", "_vor_per_batch", "_vor_cursor")
+    """VOR's phase and outliers are chosen at an epoch's start; a run resumed inside that epoch restores them."""
 
     def __init__(
         self,
@@ -292,14 +295,13 @@ class PromptModule(ContinualModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self) -> None:
         super()._eval_start()
-        self._select_counts = torch.zeros_like(self._eval_counts)
+        self._select_counts = torch.zeros(2, self._task_accuracy.num_tasks, device=self.device)
 
     def _eval_step(self, batch: Batch) -> None:
         x, y, t = batch
         out = self.encode(self.preprocess(x), t, train=False)
         logits = self.mask_logits(self.head(out.features), t)
-        correct = (logits.argmax(1) == y).to(self._eval_counts.dtype)
-        self._eval_counts.index_add_(1, t, torch.stack([correct, torch.ones_like(correct)]))
+        self.record_predictions(logits.argmax(1), y, t)
         if out.task_pred is not None:
             hit = (out.task_pred == t).to(self._select_counts.dtype)
             self._select_counts.index_add_(1, t, torch.stack([hit, torch.ones_like(hit)]))

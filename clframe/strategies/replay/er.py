@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -38,12 +40,16 @@ class ReplayModule(ContinualModule):
 
     def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None,
                  buffer_policy: BufferPolicy = "reservoir", buffer_seed: int = 0,
-                 view_batch: ViewBatchConfig | None = None, **kwargs: Any) -> None:
+                 view_batch: ViewBatchConfig | Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if replay_batch_size is not None and replay_batch_size <= 0:
             raise ConfigError(f"replay_batch_size must be positive, got {replay_batch_size}")
         self.buffer = ReplayBuffer(buffer_size, buffer_policy, seed=buffer_seed)
+        if isinstance(view_batch, Mapping):
+            view_batch = ViewBatchConfig(**view_batch)
         self.view_batch = ViewBatch(view_batch) if view_batch is not None else None
+        if view_batch is not None:  # plain values in the hyperparameters: checkpoints load without code
+            self.hparams["view_batch"] = asdict(view_batch)
 
     def _shard(self) -> tuple[int, int]:
         """``(global rank, world size)``; ``(0, 1)`` outside a trainer."""
@@ -67,7 +73,10 @@ class ReplayModule(ContinualModule):
         n, vb = self.hparams.replay_batch_size or batch_size, self.view_batch
         if vb is not None:  # view-batch: n / R distinct samples, each as R views in a row
             return vb.replay_views(self, self.buffer.sample(vb.replay_size(self, n), rank=rank, world_size=world))
-        return self.buffer.sample(n, rank=rank, world_size=world)
+        drawn = self.buffer.sample(n, rank=rank, world_size=world)
+        if self._train_pipeline is not None:  # the buffer holds raw samples; each draw is augmented afresh
+            drawn = {**drawn, "x": self.augment_inputs(drawn["x"])}
+        return drawn
 
     def buffer_extras(self, batch: Batch) -> dict[str, Tensor]:
         """Extra per-sample fields to store (DER stores logits); none by default."""
