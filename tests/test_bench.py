@@ -130,8 +130,7 @@ def test_every_shipped_suite_loads_and_its_configs_exist():
         suite = load_suite(path)
         assert suite.jobs(), path
         lacking = [r.config for r in suite.runs if not suite.config_path(r).is_file()]
-        if path.stem != "three_scenarios_split_mnist":  # its configs come from another branch
-            assert not lacking, f"{path.name}: {lacking}"
+        assert not lacking, f"{path.name}: {lacking}"
 
 
 # ------------------------------------------------------------------------------------------ the runner
