@@ -31,6 +31,8 @@ DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SEED_MAX = 2**32 - 1
 DESCRIPTION = ("clframe: continual learning on PyTorch Lightning.\n"
                "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.\n"
+               "Suites of runs (methods x seeds): `clframe bench SUITE.yaml --jobs N`, `clframe report SUITE.yaml`, "
+               "`clframe compare RUN_DIR...` (see `clframe bench --help`).\n"
                "Errors end in one paragraph; add --debug (or set CLFRAME_DEBUG=1) to see the full traceback.")
 
 
@@ -182,6 +184,10 @@ def main() -> None:
     Bad input exits with status 2, anything unrecognised with 1; ``--debug`` or ``CLFRAME_DEBUG=1``
     prints the full traceback too. Nothing written before the error is touched.
     """
+    if sys.argv[1:2] and sys.argv[1] in ("bench", "report", "compare"):  # suites of runs, not a LightningCLI
+        from clframe.bench.cli import main as bench_main
+
+        sys.exit(bench_main(sys.argv[1:]))
     argv = sys.argv[1:]
     debug = "--debug" in argv or debug_requested()
     sys.argv = [sys.argv[0], *with_default_config([a for a in argv if a != "--debug"])]
