@@ -51,7 +51,8 @@ def _state(ckpt: Path) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
-SLOW = {"ER-viewbatch", "iCaRL-viewbatch"}  # three processes each; run with -m slow (CI runs both suites)
+SLOW = {"ER-viewbatch", "iCaRL-viewbatch", "EWC", "LwF"}  # three processes each; run with -m slow (CI runs both
+# suites). ER stays in the default suite; tests/test_resume_matrix.py covers every family in-process.
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(STRATEGIES)])

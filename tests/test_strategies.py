@@ -139,7 +139,8 @@ class Run:
 
 def run_stream(model: Any, root: Path, epochs: int = 1, scenario: str = "class", n_tasks: int = 5,
                probes: tuple[ContinualCallback, ...] = (), logger: Any = False, seed: int = 0) -> Run:
-    dm = ContinualDataModule(source="digits", scenario=scenario, n_tasks=n_tasks, batch_size=BATCH_SIZE, seed=seed)
+    dm = ContinualDataModule(source="digits", scenario=scenario, n_tasks=n_tasks, batch_size=BATCH_SIZE, seed=seed,
+                             tasks="permutation" if scenario == "domain" else None)
     recorder = Recorder()
     trainer = ContinualTrainer(
         epochs_per_task=epochs, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -151,6 +151,7 @@ def test_ddp_ranks_rerun_the_agents_exact_command(monkeypatch):
     assert child[-len(args):] == args
 
 
+@pytest.mark.slow  # a whole clframe process with wandb offline: about a minute on a loaded 2-core machine
 def test_a_sampled_sweep_run_puts_its_metric_in_the_offline_summary(tmp_path):
     """The agent's command for one sampled GeRe run, run as a process (short tasks, plus
     ContinualEvaluation for the plots), read back from the offline run file."""
