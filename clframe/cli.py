@@ -117,6 +117,21 @@ class ContinualCLI(LightningCLI):
             run=run,
         )
 
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        _add_task_optimizers(self, subcommand)
+
+
+def _add_task_optimizers(cli: LightningCLI, subcommand: str | None) -> None:
+    """LightningCLI's ``--optimizer`` / ``--lr_scheduler`` (YAML ``optimizer:`` / ``lr_scheduler:``) for a
+    continual run: handed to the strategy as factories that every task start calls again, instead of
+    Lightning's one optimizer built before the model exists (the network is built from the stream)."""
+    config = cli.config_init.get(str(subcommand), cli.config_init)
+    optimizer, scheduler = config.get("optimizer"), config.get("lr_scheduler")
+    if optimizer is None and scheduler is None:
+        return
+    plain = (lambda spec: spec.as_dict() if hasattr(spec, "as_dict") else spec)  # {class_path, init_args}
+    cli.model.set_optimizer(optimizer=plain(optimizer), lr_scheduler=plain(scheduler))
+
 
 def with_default_config(argv: list[str]) -> list[str]:
     """``fit`` without ``--config`` runs the embedded default experiment (overrides still apply)."""

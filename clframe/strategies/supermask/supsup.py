@@ -55,7 +55,7 @@ class SupSup(SupermaskModule):
                  inference_objective: Literal["entropy", "g"] = "entropy",
                  inference_scope: Literal["batch", "sample"] = "batch", inference_samples: int = 1,
                  log_base: int = 2, infer_task_at_test: bool = False,
-                 optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam", lr: float = 1e-3,
+                 optimizer: OptimizerArg = "adam", lr: float = 1e-3,
                  **kwargs: Any) -> None:
         super().__init__(density=density, optimizer=optimizer, lr=lr, **kwargs)
         if inference_samples < 1 or log_base < 2:

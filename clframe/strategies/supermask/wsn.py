@@ -53,7 +53,7 @@ class WSN(SupermaskModule):
     """
 
     def __init__(self, density: float = 0.5, keep_best: bool = False,
-                 optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam", lr: float = 1e-3,
+                 optimizer: OptimizerArg = "adam", lr: float = 1e-3,
                  **kwargs: Any) -> None:
         super().__init__(density=density, keep_best=keep_best, optimizer=optimizer, lr=lr, **kwargs)
 
@@ -74,13 +74,9 @@ class WSN(SupermaskModule):
         """Every weight no earlier task selected (``¬U``); the current mask decides which get gradient."""
         return [(layer, ~self.union_mask(layer)) for layer in self.masked_layers()]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The masked weights without weight decay, everything else with the optimizer's."""
         weights = [layer.weight for layer in self.masked_layers()]
         ids = {id(w) for w in weights}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        h = self.hparams
-        groups = [{"params": weights, "weight_decay": 0.0}, {"params": rest, "weight_decay": h.weight_decay}]
-        kwargs: dict[str, Any] = {"lr": h.lr}
-        if h.optimizer == "sgd":
-            kwargs["momentum"] = h.momentum
-        return self.optimizer_class(groups, **kwargs)
+        return [{"params": weights, "weight_decay": 0.0}, {"params": rest}]
