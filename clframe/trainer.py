@@ -32,6 +32,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from clframe.callbacks.base import ContinualCallback
 from clframe.callbacks.progress import default_task_progress_bar
+from clframe.callbacks.run_folder import RunFolder, run_log_dir
+from clframe.console import QuietRepeats, install_filters
 from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
@@ -102,6 +104,7 @@ class _TaskBudgetFilter(logging.Filter):
 
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
     logging.getLogger(_name).addFilter(_TaskBudgetFilter())
+install_filters()  # Lightning's tips and repeated warnings (clframe/console.py)
 
 
 class StreamProgress(L.Callback):
@@ -183,7 +186,7 @@ class ContinualTrainer(L.Trainer):
             kwargs["logger"] = CSVLogger(kwargs.get("default_root_dir") or os.getcwd(), name="lightning_logs")
         self.progress = StreamProgress()
         callbacks = kwargs.get("callbacks") or []
-        callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.progress]
+        callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.progress, RunFolder(), QuietRepeats()]
         if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(default_task_progress_bar())  # Lightning's bar, showing "Task k/N · epoch e/E"
         kwargs["callbacks"] = callbacks
@@ -313,12 +316,18 @@ class ContinualTrainer(L.Trainer):
         if state is None:
             raise ConfigError(f"{path} holds no clframe stream progress; it was not written by a ContinualTrainer run")
         self.progress.load_state_dict(state)
+        RunFolder.resume(self, ckpt.get("callbacks", {}).get(RunFolder.state_key))  # log on in the same folder
         return self.progress.task_id
 
     # ------------------------------------------------------------------ results
     @property
     def accuracy_matrix(self) -> list[list[float]]:
         return self.progress.rows
+
+    @property
+    def log_dir(self) -> str | None:
+        """Lightning's log folder, and one per run for loggers without versioned folders (wandb)."""
+        return run_log_dir(self, super().log_dir)
 
     def _finish(self, model: ContinualModule, datamodule: ContinualDataModule) -> None:
         rows = [r for r in self.progress.rows if r]

@@ -308,6 +308,11 @@ class ContinualModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_end()
 
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Predicted class of every sample, with its task id and target (``clframe predict``)."""
+        x, y, t = batch
+        return {"task_id": t, "target": y, "prediction": self(x, t).argmax(1)}
+
     def on_validation_epoch_start(self) -> None:
         self._eval_start()
 
