@@ -261,9 +261,11 @@ def reset_foreign_backbone_options(config: Any, argv: list[str]) -> None:
 
 
 def with_default_config(argv: list[str]) -> list[str]:
-    """``fit`` without ``--config`` runs the embedded default experiment (overrides still apply)."""
-    if argv and argv[0] == "fit" and not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
-        return ["fit", "--config", str(DEFAULT_CONFIG), *argv[1:]]
+    """A subcommand without ``--config`` uses the embedded default experiment (overrides still apply), so
+    ``clframe test --ckpt_path ...`` evaluates a checkpoint of ``clframe fit``."""
+    if argv and argv[0] in ("fit", "validate", "test", "predict") and \
+            not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+        return [argv[0], "--config", str(DEFAULT_CONFIG), *argv[1:]]
     return argv
 
 
