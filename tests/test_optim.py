@@ -38,11 +38,14 @@ FAST = ["--trainer.enable_progress_bar=false", "--trainer.logger=false", "--trai
         "--data.n_tasks=2", "--trainer.callbacks+=tests.test_optim.OptimizerRecorder"]
 SCHEDULE = ["--optimizer=Adam", "--optimizer.lr=0.01", "--lr_scheduler=StepLR", "--lr_scheduler.step_size=1",
             "--lr_scheduler.gamma=0.5", "--model.lr_scheduler_interval=step"]
-STRATEGIES = {  # one per family: replay, regularisation, supermask, interval
+STRATEGIES = {  # one per family: replay, regularisation, supermask, interval, prompt (parameter groups)
     "ER": [],
     "EWC": ["--model=EWC"],
     "WSN": ["--model=WSN", "--data.scenario=task", "--model.backbone_kwargs={hidden_sizes: [32]}"],
     "HyperInterval": ["--model=HyperInterval", "--data.scenario=task"],
+    "CODAPrompt": ["--model=CODAPrompt", "--model.backbone=vit_tiny_patch16_224", "--model.pretrained=false",
+                   "--model.backbone_kwargs={img_size: 16, patch_size: 4, depth: 2, embed_dim: 32, num_heads: 4}",
+                   "--model.pool_size=4", "--model.prompt_length=4", "--model.layers=[0, 1]"],  # its cosine replaced
 }
 
 
