@@ -219,6 +219,7 @@ def build(groups: list[dict[str, Any]], optimizer: OptimizerCallable, scheduler:
     config: dict[str, Any] = {"scheduler": sched, "interval": every}
     if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
         config["monitor"] = getattr(sched, "monitor", "train/loss")
+        config["strict"] = False  # train/loss is logged on the loggers' steps only: skip, with a warning, when absent
     return {"optimizer": opt, "lr_scheduler": config}
 
 

@@ -176,3 +176,22 @@ def test_tips_and_repeated_checkpoint_warnings_are_silenced(tmp_path, capsys, ca
         _short_run(tmp_path, False, every_step=True)  # a folder with files from before: that is said once
         assert len([w for w in caught if "exists and is not empty" in str(w.message)]) == 1
     assert "💡" not in capsys.readouterr().out + caplog.text
+
+
+def test_a_wandb_run_has_its_own_folder_and_a_resume_continues_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    try:
+        full = _short_run(tmp_path, WandbLogger(save_dir=str(tmp_path), offline=True, project="p"), every_step=True)
+        folder = Path(full.log_dir)
+        wandb.finish()
+        mid = sorted((tmp_path / "ckpt").glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))[3]
+        resumed = _short_run(tmp_path, WandbLogger(save_dir=str(tmp_path), offline=True, project="p"), ckpt_path=mid)
+    finally:
+        wandb.finish()
+    assert folder.parent == tmp_path / "p" and (folder / "results.json").is_file()
+    assert resumed.log_dir == str(folder)  # the same wandb run id, the same folder
+    assert [p.name for p in (tmp_path / "p").iterdir()] == [folder.name]
