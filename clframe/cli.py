@@ -213,7 +213,9 @@ def _add_task_optimizers(cli: LightningCLI, subcommand: str | None) -> None:
     optimizer, scheduler = config.get("optimizer"), config.get("lr_scheduler")
     if optimizer is None and scheduler is None:
         return
-    plain = (lambda spec: spec.as_dict() if hasattr(spec, "as_dict") else spec)  # {class_path, init_args}
+    def plain(spec: Any) -> Any:  # {class_path, init_args}
+        return spec.as_dict() if hasattr(spec, "as_dict") else spec
+
     cli.model.set_optimizer(optimizer=plain(optimizer), lr_scheduler=plain(scheduler))
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -37,7 +37,7 @@ from clframe.errors import ConfigError
 OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
                                           "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
 
-OptimizerArg = Union[Literal["sgd", "adam", "adamw", "rmsprop"], OptimizerCallable]
+OptimizerArg = Literal["sgd", "adam", "adamw", "rmsprop"] | OptimizerCallable
 """What a strategy's ``optimizer`` accepts: a shortcut name or any optimizer callable / class spec."""
 
 Interval = Literal["epoch", "step"]
@@ -79,7 +79,9 @@ def class_spec_factory(spec: Mapping[str, Any], base: type | None) -> Callable[[
 
     Only classes are accepted (``torch.optim.Adam``, ``torch.optim.lr_scheduler.StepLR``, or a short name
     of either module); the import is of a module the user named in their own config."""
-    from jsonargparse.typing import import_object  # jsonargparse's resolver: what the CLI accepts, nothing more
+    from jsonargparse.typing import (
+        import_object,  # jsonargparse's resolver: what the CLI accepts, nothing more
+    )
 
     path = spec.get("class_path")
     if not isinstance(path, str):
@@ -248,7 +250,7 @@ class OptimizerCarry:
                 if p in self.state:
                     optimizer.state[p] = self.state[p]
         if len(self.group_lrs) == len(optimizer.param_groups):
-            for group, saved in zip(optimizer.param_groups, self.group_lrs):
+            for group, saved in zip(optimizer.param_groups, self.group_lrs, strict=True):
                 group.update(saved)
         if scheduler is not None and self.scheduler is not None:
             scheduler.load_state_dict(self.scheduler)

@@ -96,7 +96,7 @@ def test_warmup_cosine_shape():
         sched.step()
     assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
     assert lrs[8] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
 
 
 def test_task_cosine_without_a_trainer_spans_one_epoch():

@@ -56,7 +56,7 @@ class RunFolder(L.Callback):
     def resume(trainer: L.Trainer, state: dict[str, Any] | None) -> None:
         """Point the loggers at the versions a checkpoint recorded (before they have written anything)."""
         versions = (state or {}).get("versions") or []
-        for logger, version in zip(trainer.loggers, versions):
+        for logger, version in zip(trainer.loggers, versions, strict=False):
             if version is None:
                 continue
             if isinstance(logger, (CSVLogger, TensorBoardLogger)) and getattr(logger, "_experiment", None) is None:

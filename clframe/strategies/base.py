@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from clframe.data.stream import Batch, Task, TaskStream
 from clframe import optim
+from clframe.data.stream import Batch, Task, TaskStream
 from clframe.errors import ConfigError, NonFiniteLossError
 from clframe.models.factory import create_backbone
 from clframe.optim import OPTIMIZERS, Interval, LRSchedulerCallable, OptimizerArg  # noqa: F401 (OPTIMIZERS: re-exported)

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 
 from clframe.data.stream import Batch, Task, passthrough_collate
 from clframe.data.view_batch import task_epoch_offset
-from clframe.optim import OptimizerArg, TaskCosineLR
 from clframe.errors import ConfigError
+from clframe.optim import OptimizerArg, TaskCosineLR
 from clframe.strategies.base import ContinualModule
 from clframe.strategies.prompt.ovor import VORConfig, synthesize_outliers, vor_loss
 from clframe.strategies.prompt.vit import PromptViT

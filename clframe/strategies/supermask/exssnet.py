@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from clframe.data.stream import Task
+from clframe.optim import OptimizerArg
 from clframe.strategies.supermask.base import SupermaskModule
 from clframe.strategies.supermask.layers import MaskedLayer, MaskSource
 

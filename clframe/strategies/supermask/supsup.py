@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from clframe.data.stream import Batch, Task
+from clframe.optim import OptimizerArg
 from clframe.strategies.supermask.base import SupermaskModule
 from clframe.strategies.supermask.layers import MaskedLinear, MaskRule, MaskSource
 

@@ -16,12 +16,13 @@ The reference's plateau schedule (lr/2 after 6 epochs without improvement) canno
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from clframe.optim import OptimizerArg
 from clframe.strategies.supermask.base import SupermaskModule
 from clframe.strategies.supermask.layers import MaskedLayer, MaskSource
 
