@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from typing import Any
 
 import lightning as L
@@ -61,6 +63,8 @@ class RunFolder(L.Callback):
                 continue
             if isinstance(logger, (CSVLogger, TensorBoardLogger)) and getattr(logger, "_experiment", None) is None:
                 logger._version = version  # Lightning's own attribute for a fixed version=
+                # CSV rows are appended to the folder's metrics.csv, nothing is deleted: the warning would mislead
+                warnings.filterwarnings("ignore", message=re.escape(f"Experiment logs directory {logger.log_dir} exists"))
             elif type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is None:
                 logger._id = version
                 logger._wandb_init.update(id=version, resume="allow")
