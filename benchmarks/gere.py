@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from clframe import ContinualDataModule, ContinualTrainer
+from clframe.checkpoints import load_checkpoint
 from clframe.data.general import GeneralSet, general_from_source, text_documents, tokenize_documents
 from clframe.data.stream import Task, TaskDataset, TaskStream
 from clframe.strategies import GeRe
@@ -114,9 +115,9 @@ def vision_cache(cache_dir: Path) -> dict[str, Any]:
     earlier = [cache_dir / f"gere_vision_{cfg['image_size']}px_s{s}.pt" for s in range(cfg["split_stage"])]
     earlier = [f for f in earlier if f.exists()]
     if file.exists():
-        data = torch.load(file, weights_only=False)
+        data = load_checkpoint(file)
     elif earlier:  # extend a cache of an earlier split through the frozen stages in between
-        data = torch.load(earlier[-1], weights_only=False)
+        data = load_checkpoint(earlier[-1])
         s0 = int(earlier[-1].stem.rsplit("_s", 1)[1])
         mid = full.body.blocks[s0: cfg["split_stage"]]
         data["general"] = (batched(mid, data["general"][0], 250), data["general"][1])
@@ -273,7 +274,7 @@ def lm_cache(cache_dir: Path, task: str = "speakers") -> dict[str, Any]:
     load_s = round(time.time() - t0, 1)
     file = cache_dir / f"gere_lm_split{cfg['split_layer']}{'' if task == 'speakers' else '_' + task}.pt"
     if file.exists():
-        data = torch.load(file, weights_only=False)
+        data = load_checkpoint(file)
     else:
         t0 = time.time()
         tok = backbone.tokenizer

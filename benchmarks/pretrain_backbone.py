@@ -164,7 +164,7 @@ def main() -> None:
 
     model, opt = build()
     if args.score:
-        model.load_state_dict(torch.load(args.score, map_location=device))
+        model.load_state_dict(torch.load(args.score, map_location=device, weights_only=True))
         top1 = evaluate(model, valid_x, valid_y, device)
         print(json.dumps({"checkpoint": args.score, "valid_top1": round(top1, 4), "valid_images": len(valid_x)}))
         return

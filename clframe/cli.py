@@ -19,6 +19,7 @@ from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from clframe import catalog, reporting
+from clframe.config_tags import refuse_python_tags
 from clframe.data.datamodule import ContinualDataModule
 from clframe.errors import ClframeError
 from clframe.strategies.base import ContinualModule
@@ -119,6 +120,11 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
     head = re.match(r'Parser key "([\w.]+)":', message)
     key = head.group(1) if head else None
     names = list(catalog.strategies())
+    if m := re.search(r"Import path ?([\w.]*) does not correspond to a subclass of (\w+)", message):
+        given = m.group(1) or (g.group(1).strip() if (g := re.search(r"Given value: (.*)", message)) else "?")
+        hint = f"; choose one of: {', '.join(names)}" if m.group(2) == "ContinualModule" else ""
+        return (f"{key or 'class_path'}: class_path {given!r} is not a {m.group(2)} subclass, so it is refused "
+                f"(a config may only name {m.group(2)} classes here; nothing else is built or run){hint}")
     if m := re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message):
         cls = _strategy_class(m.group(1))
         options = catalog.init_options(cls) if cls is not None else []
@@ -162,6 +168,7 @@ class ContinualCLI(LightningCLI):
     """LightningCLI with clframe's trainer and data module, any ContinualModule as the model."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+        refuse_python_tags(sys.argv[1:] if args is None else list(args))
         catalog.strategies()  # import every strategy family, so short names (--model=HyperInterval) resolve
         self.argv = list(sys.argv[1:] if args is None else args)
         super().__init__(
@@ -203,6 +210,19 @@ class ContinualCLI(LightningCLI):
         self.predictions = reporting.collect_predictions(self.trainer.predict(**kwargs))
         reporting.write_predictions(reporting.log_folder(self.trainer), self.predictions)
         return self.predictions
+
+    def _bind_stream(self) -> None:
+        """``test``/``validate``/``predict`` build the network from the stream, as ``fit`` does, before
+        Lightning loads the checkpoint's weights into it."""
+        if self.model.backbone is None:
+            self.model.bind_stream(self.datamodule.stream)
+
+    before_test = before_validate = before_predict = _bind_stream
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the user's config on resume, however ``--ckpt_path`` is written. (LightningCLI would silently
+        replace the model with the checkpoint's when the path is a file.) ``ContinualTrainer.fit`` compares
+        the config with the checkpoint's and refuses any difference, listing them."""
 
 
 def _add_task_optimizers(cli: LightningCLI, subcommand: str | None) -> None:

@@ -34,12 +34,20 @@ from clframe.callbacks.base import ContinualCallback
 from clframe.callbacks.progress import default_task_progress_bar
 from clframe.callbacks.run_folder import RunFolder, run_log_dir
 from clframe.console import QuietRepeats, install_filters
+from clframe.checkpoints import (
+    check_same_run,
+    checkpoint_kwargs,
+    load_checkpoint,
+    newest_of_this_run,
+    run_identity,
+)
 from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
 from clframe.loggers import log_stream_to_wandb
 from clframe.metrics.matrix import summarize_matrix
 from clframe.metrics.summary import format_results
+from clframe.metrics.task_accuracy import per_class_accuracy
 from clframe.strategies.base import ContinualModule
 
 
@@ -107,6 +115,10 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 install_filters()  # Lightning's tips and repeated warnings (clframe/console.py)
 
 
+MATRICES = ("accuracy_matrix", "val_accuracy_matrix", "task_il_accuracy_matrix")
+"""The accuracy matrices a run may write: test, held-out validation, test scored per task (class-IL runs)."""
+
+
 class StreamProgress(L.Callback):
     """Where the stream is (task pointer, accuracy rows, whether the task's end hooks ran).
 
@@ -120,17 +132,23 @@ class StreamProgress(L.Callback):
     def __init__(self) -> None:
         self.task_id = 0
         self.rows: list[list[float]] = []
+        self.val_rows: list[list[float]] = []  # the same matrix on held-out validation data
+        self.til_rows: list[list[float]] = []  # class-IL runs with report_task_il: test scored per task
         self.task_ended = False
         self.initial: list[float] | None = None
         self.task: Task | None = None
+        self.confusions: dict[int, torch.Tensor] = {}  # after task i: the test confusion matrix (not checkpointed)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "rows": self.rows, "task_ended": self.task_ended, "initial": self.initial,
-                "rng": _rng_states()}
+        return {"task_id": self.task_id, "rows": self.rows, "val_rows": self.val_rows, "til_rows": self.til_rows,
+                "task_ended": self.task_ended,
+                "initial": self.initial, "rng": _rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.task_id = state_dict["task_id"]
         self.rows = [list(r) for r in state_dict["rows"]]
+        self.val_rows = [list(r) for r in state_dict.get("val_rows", [])]
+        self.til_rows = [list(r) for r in state_dict.get("til_rows", [])]
         self.task_ended = state_dict["task_ended"]
         self.initial = state_dict.get("initial")
         if "rng" in state_dict:  # dropout, augmentation: the resumed run draws what the original would have
@@ -149,6 +167,22 @@ class StreamProgress(L.Callback):
         self.end_task(trainer, pl_module)
 
 
+def restart_monitored_checkpoints(trainer: L.Trainer) -> None:
+    """Give every ``ModelCheckpoint`` that monitors a metric a fresh best-k list at a task start.
+
+    A monitored value (``val/avg_acc`` over the seen tasks, a loss) changes meaning with each task, so the
+    best of task 1 must not stop task 2 from saving its own best: each task keeps its own top-k files (name
+    them with ``{task}``, e.g. ``filename="task{task}-{val/avg_acc:.3f}"``); earlier tasks' files stay.
+    """
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "monitor", None) is None or not hasattr(cb, "best_k_models"):
+            continue
+        cb.best_k_models = {}
+        cb.kth_best_model_path, cb.best_model_path = "", ""
+        cb.best_model_score = cb.kth_value = None
+        cb.current_score = None
+
+
 class ContinualTrainer(L.Trainer):
     """Runs a whole continual-learning stream in one ``fit`` call.
 
@@ -163,13 +197,19 @@ class ContinualTrainer(L.Trainer):
             always shards its loaders itself (Lightning's injected sampler would reshuffle with
             its own seed, breaking exact resume, and cannot wrap the per-task batch sampler), so
             Lightning's injection stays off.
+        trust_checkpoints: load checkpoints that hold arbitrary Python objects (their unpickling can
+            run code). Off by default: such a file is refused (see ``clframe.checkpoints``).
+        allow_changed: config keys (``model.lr``, ``data.batch_size``, ``trainer.epochs_per_task``, or a
+            prefix such as ``model``) whose value may differ from the checkpoint's on resume; any
+            other difference is refused.
         All other arguments are Lightning's ``Trainer`` arguments. The default logger is a
         ``CSVLogger`` under ``default_root_dir``. Distributed runs need a strategy that keeps its
         processes across calls (``ddp``), not a spawning one (``ddp_spawn``, ``ddp_notebook``).
     """
 
     def __init__(self, *args: Any, epochs_per_task: int = 1, steps_per_task: int | None = None,
-                 eval_after_task: bool = True, use_distributed_sampler: bool = False, **kwargs: Any) -> None:
+                 eval_after_task: bool = True, use_distributed_sampler: bool = False, trust_checkpoints: bool = False,
+                 allow_changed: list[str] | None = None, **kwargs: Any) -> None:
         if kwargs.get("max_epochs") not in (None, -1):
             raise ConfigError(
                 "ContinualTrainer manages max_epochs itself; set epochs_per_task instead "
@@ -190,6 +230,8 @@ class ContinualTrainer(L.Trainer):
         if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(default_task_progress_bar())  # Lightning's bar, showing "Task k/N · epoch e/E"
         kwargs["callbacks"] = callbacks
+        kwargs.update(checkpoint_kwargs(kwargs, trust_checkpoints))  # atomic sealed saves, safe loads, SIGTERM
+        self.trust_checkpoints, self.allow_changed = trust_checkpoints, list(allow_changed or [])
         super().__init__(*args, max_epochs=epochs_per_task, use_distributed_sampler=False, **kwargs)
         if isinstance(self.strategy.launcher, _MultiProcessingLauncher):
             raise ConfigError(
@@ -218,11 +260,13 @@ class ContinualTrainer(L.Trainer):
             raise TypeError("ContinualTrainer.fit takes its data as datamodule=ContinualDataModule(...), not dataloaders")
         stream = datamodule.stream
         model.bind_stream(stream)
+        self._identity = run_identity(self, model, datamodule)
         if ckpt_path is not None:
             ckpt_path = self.resolve_checkpoint(ckpt_path)
         start = self._resume_point(ckpt_path) if ckpt_path is not None else 0
         if ckpt_path is None:
-            self.progress.rows, self.progress.initial = [], None
+            self.progress.rows, self.progress.val_rows, self.progress.til_rows = [], [], []
+            self.progress.initial = None
             if self.eval_after_task and datamodule.hparams.eval_all_tasks:
                 datamodule.set_task(0)
                 self.progress.initial = self.evaluate_seen_tasks(model, datamodule, log=False)
@@ -250,6 +294,7 @@ class ContinualTrainer(L.Trainer):
         self.progress.task, self.progress.task_id = task, task.id
         if not resuming:
             self.progress.task_ended = False
+            restart_monitored_checkpoints(self)
         model.on_task_start(task)
         for cb in self.callbacks:
             if isinstance(cb, ContinualCallback):
@@ -265,17 +310,29 @@ class ContinualTrainer(L.Trainer):
         self.progress.end_task(self, model)
         row = self.evaluate_seen_tasks(model, datamodule) if self.eval_after_task else []
         self.progress.rows.append(row)
+        if self.eval_after_task:
+            self._log_class_results(model, task.id)
+            if model.eval_accuracy_task_il is not None:
+                til = model.eval_accuracy_task_il
+                self.progress.til_rows.append(til + [math.nan] * (len(datamodule.stream) - len(til)))
+        if self.eval_after_task and datamodule.has_validation_data():
+            self.progress.val_rows.append(self.evaluate_seen_tasks(model, datamodule, split="val"))
         for cb in self.callbacks:
             if isinstance(cb, ContinualCallback):
                 cb.on_task_evaluated(self, model, task, row)
 
-    def evaluate_seen_tasks(self, model: ContinualModule, datamodule: ContinualDataModule, log: bool = True) -> list[float]:
-        """Test accuracy on every seen task (all tasks if the data module says so); NaN for the rest."""
+    def evaluate_seen_tasks(self, model: ContinualModule, datamodule: ContinualDataModule, log: bool = True,
+                            split: str = "test") -> list[float]:
+        """Accuracy on every seen task's ``split`` (``test`` or ``val``; all tasks if the data module says so);
+        NaN for the rest."""
         bar = self.progress_bar_callback
         if bar is not None:
             bar.disable()  # one line per task is enough; the per-loader test bars are noise
         try:
-            self.test(model, datamodule=datamodule, verbose=False)
+            if split == "val":
+                self.validate(model, datamodule=datamodule, verbose=False)
+            else:
+                self.test(model, datamodule=datamodule, verbose=False)
         finally:
             if bar is not None:
                 bar.enable()
@@ -283,17 +340,30 @@ class ContinualTrainer(L.Trainer):
         if not log:
             return row
         step = self.global_step
-        metrics = {f"eval/acc_task_{j}": a for j, a in enumerate(row) if a == a}
+        prefix = "eval/" if split == "test" else "eval/val_"
+        metrics = {f"{prefix}acc_task_{j}": a for j, a in enumerate(row) if a == a}
         seen = [a for a in row[: datamodule.current_task + 1] if a == a]
-        metrics["eval/avg_acc_seen"] = sum(seen) / max(1, len(seen))
+        metrics[f"{prefix}avg_acc_seen"] = sum(seen) / max(1, len(seen))
         metrics["task"] = datamodule.current_task
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
         return row
 
+    def _log_class_results(self, model: ContinualModule, after_task: int) -> None:
+        """Per-class accuracy (``eval/class_acc_<c>``) from the task-end test pass, and its confusion matrix
+        kept for ``results.json``-side files (``confusion_matrix_task<i>.csv``, ``confusion_matrix.png``)."""
+        confusion = model.eval_confusion
+        if confusion is None:
+            return
+        self.progress.confusions[after_task] = confusion
+        acc = per_class_accuracy(confusion)
+        metrics = {f"eval/class_acc_{c}": float(a) for c, a in enumerate(acc.tolist()) if a == a}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+
     def resolve_checkpoint(self, ckpt_path: str | Path) -> Path:
-        """A checkpoint path, or ``"last"``: the newest ``last*.ckpt`` of the checkpoint callbacks' folders
-        (or anywhere under ``default_root_dir``)."""
+        """A checkpoint path, or ``"last"``: the newest ``last*.ckpt`` written by this run (same settings) in the
+        checkpoint callbacks' folders (or anywhere under ``default_root_dir``)."""
         if str(ckpt_path) != "last":
             return Path(ckpt_path)
         folders = [Path(cb.dirpath) for cb in self.checkpoint_callbacks if getattr(cb, "dirpath", None)]
@@ -305,16 +375,17 @@ class ContinualTrainer(L.Trainer):
                 "enable ModelCheckpoint(save_last=True) (with a fixed dirpath) in the run you want to resume, "
                 "or pass the checkpoint's path."
             )
-        return max(candidates, key=lambda p: p.stat().st_mtime)
+        return newest_of_this_run(candidates, getattr(self, "_identity", {}), self.allow_changed, self.trust_checkpoints)
 
     def _resume_point(self, ckpt_path: str | Path) -> int:
         path = Path(ckpt_path)
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .ckpt file written by this run")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path, trust=self.trust_checkpoints)
         state = ckpt.get("callbacks", {}).get(StreamProgress.state_key)
         if state is None:
             raise ConfigError(f"{path} holds no clframe stream progress; it was not written by a ContinualTrainer run")
+        check_same_run(path, ckpt, self._identity, self.allow_changed)
         self.progress.load_state_dict(state)
         RunFolder.resume(self, ckpt.get("callbacks", {}).get(RunFolder.state_key))  # log on in the same folder
         return self.progress.task_id
@@ -332,7 +403,15 @@ class ContinualTrainer(L.Trainer):
     def _finish(self, model: ContinualModule, datamodule: ContinualDataModule) -> None:
         rows = [r for r in self.progress.rows if r]
         metrics = summarize_matrix(rows, self.progress.initial) if rows else {}
-        self.continual_results = {"accuracy_matrix": rows, "initial_accuracy": self.progress.initial,
+        val_rows = [r for r in self.progress.val_rows if r]
+        if val_rows:  # select hyperparameters on these, never on the test matrix
+            metrics.update({k.replace("final/", "final/val_", 1): v for k, v in summarize_matrix(val_rows).items()})
+        til_rows = [r for r in self.progress.til_rows if r]
+        if til_rows:
+            metrics.update({k.replace("final/", "final/til_", 1): v for k, v in summarize_matrix(til_rows).items()})
+        self.continual_results = {"accuracy_matrix": rows, "val_accuracy_matrix": val_rows,
+                                  "task_il_accuracy_matrix": til_rows,
+                                  "initial_accuracy": self.progress.initial,
                                   "metrics": metrics, "seed": _global_seed(), "data_seed": datamodule.stream.seed,
                                   "stream": {"name": datamodule.stream.name, "scenario": datamodule.stream.scenario,
                                              "tasks": len(datamodule.stream), "signature": datamodule.stream.signature()}}
@@ -350,16 +429,41 @@ class ContinualTrainer(L.Trainer):
     @rank_zero_only
     def _write_results(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        rows = self.continual_results["accuracy_matrix"]
-        if rows:
-            with open(out / "accuracy_matrix.csv", "w") as f:
-                f.write("after_task," + ",".join(f"task_{j}" for j in range(len(rows[0]))) + "\n")
-                for i, row in enumerate(rows):
-                    f.write(f"{i}," + ",".join("" if a != a else f"{a:.6f}" for a in row) + "\n")
+        for name in MATRICES:
+            rows = self.continual_results.get(name) or []
+            if rows:
+                with open(out / f"{name}.csv", "w") as f:
+                    f.write("after_task," + ",".join(f"task_{j}" for j in range(len(rows[0]))) + "\n")
+                    for i, row in enumerate(rows):
+                        f.write(f"{i}," + ",".join("" if a != a else f"{a:.6f}" for a in row) + "\n")
+        self._write_class_results(out)
         tmp = out / "results.json.tmp"
-        clean = {**self.continual_results, "accuracy_matrix": [[None if a != a else a for a in r] for r in rows]}
+        clean = {**self.continual_results,
+                 **{name: [[None if a != a else a for a in r] for r in self.continual_results.get(name) or []]
+                    for name in MATRICES}}
         tmp.write_text(json.dumps(clean, indent=2))
         os.replace(tmp, out / "results.json")
+
+    def _write_class_results(self, out: Path) -> None:
+        """``per_class_accuracy.csv`` (a row per finished task), one confusion-matrix CSV per task end and a
+        plot of the last one."""
+        confusions = self.progress.confusions
+        if not confusions:
+            return
+        n = next(iter(confusions.values())).shape[0]
+        with open(out / "per_class_accuracy.csv", "w") as f:
+            f.write("after_task," + ",".join(f"class_{c}" for c in range(n)) + "\n")
+            for i, conf in sorted(confusions.items()):
+                acc = per_class_accuracy(conf).tolist()
+                f.write(f"{i}," + ",".join("" if a != a else f"{a:.6f}" for a in acc) + "\n")
+        for i, conf in confusions.items():
+            np.savetxt(out / f"confusion_matrix_task{i}.csv", conf.long().numpy(), fmt="%d", delimiter=",",
+                       header="rows: true class, columns: predicted class")
+        from clframe.callbacks.plots import plot_confusion_matrix
+
+        last = max(confusions)
+        plot_confusion_matrix(confusions[last].numpy(), out / "confusion_matrix.png",
+                              title=f"Test confusion matrix after task {last}")
 
     @rank_zero_only
     def _print_results(self) -> None:

@@ -126,7 +126,7 @@ def test_checkpoint_from_a_different_config_is_refused_and_left_intact(tmp_path,
     before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     code, err = run_main(monkeypatch, capsys, *_checkpointed(tmp_path / "other", "--data.class_order=[3,2,1,0]",
                                                              f"--ckpt_path={ckpt}"))
-    assert code == 2 and "different task stream" in err and "--ckpt_path" in err
+    assert code == 2 and ("different task stream" in err or "configured differently" in err) and "--ckpt_path" in err
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before
 
 

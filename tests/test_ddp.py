@@ -191,7 +191,7 @@ class DDPProbe(L.Callback):
         self.record["test"].append({"local": [self._tested.get(i, 0) for i in range(len(loaders))],
                                     "indices": [list(dl.sampler) for dl in loaders],
                                     "sizes": [len(dl.dataset) for dl in loaders],
-                                    "reduced": pl_module._eval_counts[1].tolist()})
+                                    "reduced": pl_module._task_accuracy.last_seen.tolist()})
         self._dump(trainer)
 
 

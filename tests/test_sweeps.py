@@ -96,6 +96,9 @@ def test_sweep_file_is_a_runnable_wandb_sweep(path):
 def test_the_metric_is_one_the_trainer_logs(path):
     name = load_sweep(path)["metric"]["name"]
     logged = set(summarize_matrix([[0.9, math.nan], [0.8, 0.9]]))
+    command = [str(c) for c in load_sweep(path)["command"]]
+    if any(c.startswith("--data.val_fraction=") and float(c.split("=")[1]) > 0 for c in command):
+        logged |= {k.replace("final/", "final/val_", 1) for k in logged}  # the validation matrix's summary
     if name.startswith("stability/"):  # logged only by ContinualEvaluation
         cli = parse_only(cli_args(build_command(load_sweep(path), {})))
         assert any(type(cb).__name__ == "ContinualEvaluation" for cb in cli.trainer.callbacks), name
@@ -191,8 +194,9 @@ def test_the_local_sweep_example_runs_offline(tmp_path, capsys):
                             "--", *QUIET, "--trainer.steps_per_task=3"])
     assert len(records) == 2 and records[0]["values"] != records[1]["values"]
     out = capsys.readouterr().out
+    metric = "final/val_avg_acc"  # the sweep selects on held-out validation data
     for r in records:
-        assert 0.0 <= r["final/avg_acc"] <= 1.0 and f"final/avg_acc = {r['final/avg_acc']:.4f}" in out
+        assert 0.0 <= r[metric] <= 1.0 and f"{metric} = {r[metric]:.4f}" in out
         (run,) = offline_runs(tmp_path / f"run_{r['run']}")
-        assert run.summary["final/avg_acc"] == pytest.approx(r["final/avg_acc"])
+        assert run.summary[metric] == pytest.approx(r[metric])
     assert json.loads((tmp_path / "sweep_results.json").read_text())[1]["values"] == records[1]["values"]

@@ -78,3 +78,29 @@ def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], path: str | Path,
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_confusion_matrix(confusion: np.ndarray, path: str | Path, title: str = "Test confusion matrix") -> Path:
+    """Row-normalised confusion matrix (true class in rows, predicted in columns), counts where few classes."""
+    plt = _pyplot()
+    counts = np.asarray(confusion, float)
+    rows = counts.sum(1, keepdims=True)
+    share = np.divide(counts, rows, out=np.full_like(counts, np.nan), where=rows > 0)
+    n = len(counts)
+    size = min(12.0, max(4.0, 0.35 * n + 2))
+    fig, ax = plt.subplots(figsize=(size, size), dpi=120)
+    im = ax.imshow(np.ma.masked_invalid(100 * share), cmap="Blues", vmin=0, vmax=100)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, f"{counts[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from clframe.data.augment import TransformSpec, build_pipeline
 from clframe.data.samplers import EpochShuffleSampler, PerTaskBatchSampler, ShardSampler
 from clframe.data.scenarios import ScenarioError, class_incremental, domain_incremental, task_incremental
 from clframe.data.sources import load_source
@@ -80,6 +81,9 @@ class ContinualDataModule(L.LightningDataModule):
     Domain-incremental streams (``scenario="domain"``) pick ``domain``: ``permutation``, ``rotation``
     (``angles``), ``datasets`` (``domain_sources``) or ``corruption`` (``corruptions`` at ``severity``
     1-5; see :mod:`clframe.data.corruptions`).
+    ``train_transforms`` / ``eval_transforms``: a preset (``cifar_crop_flip``, ``tiny_imagenet_crop_flip``)
+    or a list of ``torchvision.transforms.v2`` classes (see :mod:`clframe.data.augment`), applied by the
+    strategy on its device, per sample: to training inputs only (train) or to evaluation inputs (eval).
 
     Under DDP every loader serves this process's shard (see :mod:`clframe.data.samplers`): training
     shards are disjoint and equally long, so ``batch_size`` is per process; evaluation shards cover
@@ -114,9 +118,13 @@ class ContinualDataModule(L.LightningDataModule):
         normalize: bool = True,
         seed: int | None = None,
         views_per_sample: int = 1,
+        train_transforms: TransformSpec = None,
+        eval_transforms: TransformSpec = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self._pipelines = (build_pipeline(train_transforms, "data.train_transforms"),  # fail early on a typo
+                           build_pipeline(eval_transforms, "data.eval_transforms"))
         if batch_size < 1 or eval_batch_size < 1:
             raise ScenarioError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
         if views_per_sample < 1 or batch_size % views_per_sample:
@@ -125,6 +133,12 @@ class ContinualDataModule(L.LightningDataModule):
         self.current_task = 0
         self.train_scope: TrainScope = "current"
         self._stream: TaskStream | None = None
+
+    def input_pipelines(self) -> tuple[Any, Any]:
+        """``(train, eval)`` batch-level input pipelines (``None`` where unset) that the strategy applies on its
+        device: the train one to every training forward (new and replayed samples), the eval one to evaluation
+        inputs. Batches leave the loaders raw (uint8), so replay buffers store un-augmented samples."""
+        return self._pipelines
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -248,6 +262,10 @@ class ContinualDataModule(L.LightningDataModule):
     def _eval_tasks(self):
         tasks = self.stream.tasks
         return tasks if self.hparams.eval_all_tasks else tasks[: self.current_task + 1]
+
+    def has_validation_data(self) -> bool:
+        """Whether the tasks hold validation splits (``val_fraction > 0``, or a stream built with them)."""
+        return any(t.val is not None and len(t.val) > 0 for t in self.stream.tasks)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(t.val) for t in self._eval_tasks() if t.val is not None]

@@ -27,6 +27,11 @@ def label(key: str) -> str:
     """A readable name for a logged metric key (the key itself when there is none)."""
     if key in LABELS:
         return LABELS[key]
+    if key.startswith("final/val_") and (base := LABELS.get("final/" + key[len("final/val_"):])):
+        return f"{base}, validation"
+    if key.startswith("final/til_") and (base := LABELS.get("final/" + key[len("final/til_"):])):
+        return f"{base}, Task-IL scoring"
+
     if m := re.fullmatch(r"stability/w([fp])(\d+)(_all)?", key):
         kind = "forgetting" if m.group(1) == "f" else "plasticity"
         return f"windowed {kind}, {m.group(2)} steps" + (" (all tasks)" if m.group(3) else "")

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from clframe import optim
 from clframe.data.stream import Batch, Task, TaskStream
 from clframe.errors import ConfigError, NonFiniteLossError
+from clframe.metrics.task_accuracy import TaskAccuracy
 from clframe.models.factory import create_backbone
 from clframe.optim import OPTIMIZERS, Interval, LRSchedulerCallable, OptimizerArg  # noqa: F401 (OPTIMIZERS: re-exported)
 from clframe.strategies.intact import InTAct, InTActConfig
@@ -58,6 +59,9 @@ class ContinualModule(L.LightningModule):
             host sync per step on a GPU; turn off for the last bit of speed).
         intact: carry the InTAct regulariser (activation boxes per task; see
             :mod:`clframe.strategies.intact`), with any strategy.
+        report_task_il: in a class-incremental stream, also score every test pass with the logits masked
+            to each sample's task (the DER paper's Task-IL numbers come from the class-IL run scored this
+            way): a second matrix ``task_il_accuracy_matrix`` and ``final/til_*`` metrics.
     """
 
     train_scope: Literal["current", "seen", "all"] = "current"
@@ -80,6 +84,7 @@ class ContinualModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Interval = "epoch",
         reset_optimizer: bool = True,
+        report_task_il: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -101,7 +106,14 @@ class ContinualModule(L.LightningModule):
         self.intact: InTAct | None = None
         self.num_tasks: int | None = None
         self.register_buffer("current_task", torch.tensor(0))
-        self._eval_counts: Tensor | None = None
+        self._task_accuracy: TaskAccuracy | None = None
+        self._confusion: Any = None
+        self.eval_confusion: Tensor | None = None  # (classes x classes) of the last test pass
+        self._task_il_accuracy: TaskAccuracy | None = None
+        self.eval_accuracy_task_il: list[float] | None = None  # with report_task_il, the last test pass
+        # Input pipelines from the data module (see ``setup``); plain attributes, not submodules.
+        object.__setattr__(self, "_train_pipeline", None)
+        object.__setattr__(self, "_eval_pipeline", None)
         self.eval_accuracy: list[float] = []
         if num_classes is not None and input_shape is not None and scenario is not None:
             self._build(num_classes, tuple(input_shape), scenario)
@@ -149,9 +161,32 @@ class ContinualModule(L.LightningModule):
             self.input_mean.copy_(torch.tensor(stream.mean).view_as(self.input_mean))
             self.input_std.copy_(torch.tensor(stream.std).view_as(self.input_std))
 
+    def setup(self, stage: str) -> None:
+        """Take the data module's input pipelines (augmentation for training, the eval transform)."""
+        super().setup(stage)
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if hasattr(datamodule, "input_pipelines"):
+            self.set_input_pipelines(*datamodule.input_pipelines())
+
+    def set_input_pipelines(self, train: Any = None, eval: Any = None) -> None:
+        """Batch callables on uint8 images: ``train`` augments every training input (new and replayed samples,
+        each replayed copy drawn afresh), ``eval`` transforms inputs in eval mode. Neither changes what replay
+        buffers store: the raw sample, as in Mammoth."""
+        object.__setattr__(self, "_train_pipeline", train)
+        object.__setattr__(self, "_eval_pipeline", eval)
+
+    def augment_inputs(self, x: Tensor) -> Tensor:
+        """The training pipeline applied to a batch of raw inputs (unchanged in eval mode or without one)."""
+        if self._train_pipeline is None or not self.training or x.is_floating_point() or x.dim() != 4:
+            return x
+        return self._train_pipeline(x)
+
     # ------------------------------------------------------------------ forward
     def preprocess(self, x: Tensor) -> Tensor:
         """uint8 images to normalised floats, on the device (cheap, and keeps loaders compact)."""
+        if self._eval_pipeline is not None and not self.training and not x.is_floating_point() and x.dim() == 4:
+            x = self._eval_pipeline(x)
         if not x.is_floating_point():  # a fresh tensor: normalise it in place
             x = x.float().div_(255.0)
             return x.sub_(self.input_mean).div_(self.input_std) if x.dim() == 4 else x
@@ -210,6 +245,9 @@ class ContinualModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         if self.intact is not None:
             self.intact.begin_step()  # observe this step's training forwards only
+        if self._train_pipeline is not None:  # augmented here; a replay strategy's caller keeps the raw batch
+            x, y, t = batch
+            batch = (self.augment_inputs(x), y, t)
         loss = self.training_loss(batch)
         if self.intact is not None:
             loss = loss + self.intact.penalty(self)
@@ -284,19 +322,43 @@ class ContinualModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self) -> None:
-        self._eval_counts = torch.zeros(2, self.num_tasks or len(self.class_task), device=self.device)
+        """Fresh torchmetrics counters (kept out of the module tree: no checkpoint keys, no DDP buffers)."""
+        accuracy = TaskAccuracy(self.num_tasks or len(self.class_task)).to(self.device)
+        object.__setattr__(self, "_task_accuracy", accuracy)
+        confusion = None
+        if self._trainer is not None and self.trainer.testing:  # per-class results at task ends, not every val epoch
+            from torchmetrics.classification import MulticlassConfusionMatrix
+
+            confusion = MulticlassConfusionMatrix(len(self.class_task), validate_args=False).to(self.device)
+        object.__setattr__(self, "_confusion", confusion)
+        til = None
+        if self.hparams.get("report_task_il") and self.scenario == "class" and confusion is not None:
+            til = TaskAccuracy(accuracy.num_tasks).to(self.device)
+        object.__setattr__(self, "_task_il_accuracy", til)
+
+    def record_predictions(self, preds: Tensor, y: Tensor, t: Tensor, correct: Tensor | None = None) -> None:
+        """Count one evaluation batch: predicted classes, labels, task ids (``correct`` overrides
+        ``preds == y``, e.g. when a wrong inferred task makes a right class count as wrong)."""
+        self._task_accuracy.update(preds == y if correct is None else correct, t)
+        if self._confusion is not None:
+            self._confusion.update(preds, y)
 
     def _eval_step(self, batch: Batch) -> None:
         x, y, t = batch
-        correct = (self(x, t).argmax(1) == y).to(self._eval_counts.dtype)
-        self._eval_counts.index_add_(1, t, torch.stack([correct, torch.ones_like(correct)]))  # no host sync
+        logits = self(x, t)
+        self.record_predictions(logits.argmax(1), y, t)
+        if self._task_il_accuracy is not None:  # the same outputs, restricted to the sample's own task
+            own = self.class_task.unsqueeze(0) == t.unsqueeze(1)
+            self._task_il_accuracy.update(logits.masked_fill(~own, torch.finfo(logits.dtype).min).argmax(1) == y, t)
 
     def _eval_end(self) -> list[float]:
-        """Accuracy per task from the (correct, seen) counts, summed over the ranks: under DDP each rank
-        evaluates its own shard of the test data, so counts are added, never per-rank accuracies averaged."""
-        counts = self._eval_counts = self.trainer.strategy.reduce(self._eval_counts, reduce_op="sum")
-        acc = torch.where(counts[1] > 0, counts[0] / counts[1].clamp(min=1), torch.nan)
-        self.eval_accuracy = acc.tolist()
+        """Accuracy per task from the (correct, seen) counts, summed over the ranks (torchmetrics' sync):
+        under DDP each rank evaluates its own shard, so counts are added, never per-rank accuracies averaged."""
+        self.eval_accuracy = self._task_accuracy.compute().reshape(-1).tolist()  # torchmetrics squeezes 1 task
+        if self._confusion is not None:
+            self.eval_confusion = self._confusion.compute().cpu()
+        if self._task_il_accuracy is not None:
+            self.eval_accuracy_task_il = self._task_il_accuracy.compute().reshape(-1).tolist()
         return self.eval_accuracy
 
     def on_test_epoch_start(self) -> None:
@@ -324,6 +386,7 @@ class ContinualModule(L.LightningModule):
         seen = [a for a in acc if a == a]
         if seen:
             self.log("val/avg_acc", sum(seen) / len(seen), prog_bar=True, sync_dist=False)
+            self.log("task", float(self.current_task), sync_dist=False)  # for checkpoint file names: {task}
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):

@@ -35,7 +35,7 @@ from clframe.optim import OptimizerArg, TaskCosineLR
 from clframe.strategies.base import ContinualModule
 from clframe.strategies.prompt.ovor import VORConfig, synthesize_outliers, vor_loss
 from clframe.strategies.prompt.vit import PromptViT
-from clframe.strategies.replay.view_batch import crop_flip
+from clframe.data.augment import crop_flip
 
 Phase = Literal["prompt", "head", "vor"]
 
@@ -279,14 +279,13 @@ class PromptModule(ContinualModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self) -> None:
         super()._eval_start()
-        self._select_counts = torch.zeros_like(self._eval_counts)
+        self._select_counts = torch.zeros(2, self._task_accuracy.num_tasks, device=self.device)
 
     def _eval_step(self, batch: Batch) -> None:
         x, y, t = batch
         out = self.encode(self.preprocess(x), t, train=False)
         logits = self.mask_logits(self.head(out.features), t)
-        correct = (logits.argmax(1) == y).to(self._eval_counts.dtype)
-        self._eval_counts.index_add_(1, t, torch.stack([correct, torch.ones_like(correct)]))
+        self.record_predictions(logits.argmax(1), y, t)
         if out.task_pred is not None:
             hit = (out.task_pred == t).to(self._select_counts.dtype)
             self._select_counts.index_add_(1, t, torch.stack([hit, torch.ones_like(hit)]))

@@ -104,8 +104,7 @@ class NearestClassMean(PromptModule):
 
     def _eval_step(self, batch: Batch) -> None:
         x, y, t = batch
-        correct = (self(x, t).argmax(1) == y).to(self._eval_counts.dtype)
-        self._eval_counts.index_add_(1, t, torch.stack([correct, torch.ones_like(correct)]))
+        self.record_predictions(self(x, t).argmax(1), y, t)
 
     # ------------------------------------------------------------------ "training": one pass of feature sums
     def configure_optimizers(self) -> None:

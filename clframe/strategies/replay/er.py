@@ -67,7 +67,10 @@ class ReplayModule(ContinualModule):
         n, vb = self.hparams.replay_batch_size or batch_size, self.view_batch
         if vb is not None:  # view-batch: n / R distinct samples, each as R views in a row
             return vb.replay_views(self, self.buffer.sample(vb.replay_size(self, n), rank=rank, world_size=world))
-        return self.buffer.sample(n, rank=rank, world_size=world)
+        drawn = self.buffer.sample(n, rank=rank, world_size=world)
+        if self._train_pipeline is not None:  # the buffer holds raw samples; each draw is augmented afresh
+            drawn = {**drawn, "x": self.augment_inputs(drawn["x"])}
+        return drawn
 
     def buffer_extras(self, batch: Batch) -> dict[str, Tensor]:
         """Extra per-sample fields to store (DER stores logits); none by default."""

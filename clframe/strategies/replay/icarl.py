@@ -236,6 +236,8 @@ class ICaRL(ContinualModule):
         x, y, t = batch
         replay = self._exemplars_for_batch()
         if replay is not None:
+            if self.view_batch is None:  # the memory holds raw exemplars; augment each draw afresh
+                replay = {**replay, "x": self.augment_inputs(replay["x"])}
             x, y, t = torch.cat([x, replay["x"]]), torch.cat([y, replay["y"]]), torch.cat([t, replay["t"]])
         logits = self.head(self.features(x))
         seen = (self.class_task >= 0) & (self.class_task <= self.current_task)

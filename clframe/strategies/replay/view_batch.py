@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from clframe.data.augment import crop_flip
 from clframe.data.stream import Batch
 from clframe.data.view_batch import task_epoch_offset
 from clframe.errors import ConfigError
@@ -95,20 +96,6 @@ PRESETS: dict[str, tuple[int, dict]] = {
 
 
 # ---------------------------------------------------------------------- batched augmentations
-def crop_flip(x: Tensor, padding: int = 4) -> Tensor:
-    """Per-row random crop (zero padding) and horizontal flip of an image batch, in one gather."""
-    b, c, h, w = x.shape
-    xp = F.pad(x, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
-    dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device)
-    rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, None, :, None]
-    cols = torch.arange(w, device=x.device)[None].expand(b, w)
-    flip = torch.rand(b, device=x.device) < 0.5
-    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
-    return xp[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None],
-              rows, cols[:, None, None, :]]
-
-
 def random_affine(x: Tensor, degrees: float = 15.0, translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1)) -> Tensor:
     """Per-row random rotation, translation and scale of a float image batch (one ``grid_sample``)."""
     b = len(x)

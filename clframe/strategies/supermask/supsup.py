@@ -151,7 +151,7 @@ class SupSup(SupermaskModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self) -> None:
         super()._eval_start()
-        self._infer_counts = torch.zeros(4, self._eval_counts.shape[1], device=self.device)
+        self._infer_counts = torch.zeros(4, self._task_accuracy.num_tasks, device=self.device)
 
     def _eval_step(self, batch: Batch) -> None:
         """Tests with inferred task ids when asked to; validation (model selection) keeps the given ids."""
@@ -160,16 +160,17 @@ class SupSup(SupermaskModule):
         x, y, t = batch
         t_hat = self.infer_tasks(x)
         right_task = t_hat == t
-        class_right = self(x, t_hat).argmax(1) == y
+        preds = self(x, t_hat).argmax(1)
+        class_right = preds == y
         correct = class_right & right_task
         given = self(x, t).argmax(1) == y
-        n = self._eval_counts.shape[1]
+        n = self._task_accuracy.num_tasks
 
         def per_task(hits: Tensor) -> Tensor:
-            return torch.bincount(t, weights=hits.to(self._eval_counts.dtype), minlength=n)[:n]
+            return torch.bincount(t, weights=hits.to(self._infer_counts.dtype), minlength=n)[:n]
 
         total = per_task(torch.ones_like(correct))
-        self._eval_counts += torch.stack([per_task(correct), total])
+        self.record_predictions(preds, y, t, correct=correct)
         self._infer_counts += torch.stack([per_task(right_task), per_task(given), per_task(class_right), total])
 
     def on_test_epoch_end(self) -> None:
