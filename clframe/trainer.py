@@ -33,7 +33,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from clframe.callbacks.base import ContinualCallback
 from clframe.callbacks.progress import default_task_progress_bar
 from clframe.callbacks.run_folder import RunFolder, run_log_dir
-from clframe.console import QuietRepeats, install_filters
 from clframe.checkpoints import (
     check_same_run,
     checkpoint_kwargs,
@@ -41,6 +40,7 @@ from clframe.checkpoints import (
     newest_of_this_run,
     run_identity,
 )
+from clframe.console import QuietRepeats, install_filters
 from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from clframe.data.augment import crop_flip
 from clframe.data.stream import Batch, Task, passthrough_collate
 from clframe.data.view_batch import task_epoch_offset
 from clframe.errors import ConfigError
@@ -35,7 +36,6 @@ from clframe.optim import OptimizerArg, TaskCosineLR
 from clframe.strategies.base import ContinualModule
 from clframe.strategies.prompt.ovor import VORConfig, synthesize_outliers, vor_loss
 from clframe.strategies.prompt.vit import PromptViT
-from clframe.data.augment import crop_flip
 
 Phase = Literal["prompt", "head", "vor"]
 
