@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -211,13 +212,15 @@ class ContinualCLI(LightningCLI):
         reporting.write_predictions(reporting.log_folder(self.trainer), self.predictions)
         return self.predictions
 
-    def _bind_stream(self) -> None:
+    def _prepare_evaluation(self) -> None:
         """``test``/``validate``/``predict`` build the network from the stream, as ``fit`` does, before
-        Lightning loads the checkpoint's weights into it."""
+        Lightning loads the checkpoint's weights into it. Lightning's hint to pass the checkpoint's callbacks
+        again concerns resuming training, not evaluating, so it is not shown here."""
         if self.model.backbone is None:
             self.model.bind_stream(self.datamodule.stream)
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
 
-    before_test = before_validate = before_predict = _bind_stream
+    before_test = before_validate = before_predict = _prepare_evaluation
 
     def _parse_ckpt_path(self) -> None:
         """Keep the user's config on resume, however ``--ckpt_path`` is written. (LightningCLI would silently
