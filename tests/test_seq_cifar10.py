@@ -18,7 +18,7 @@ from clframe.data.sources import SourceData
 from tests.conftest import requires_data
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ["er", "der", "derpp", "icarl"]
+CONFIGS = ["er", "der", "derpp", "icarl", "joint"]
 SMALL = ["--trainer.epochs_per_task=1", "--trainer.enable_progress_bar=false", "--model.backbone_kwargs={nf: 4}",
          "--data.eval_batch_size=100"]
 
