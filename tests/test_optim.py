@@ -61,6 +61,14 @@ def test_cli_optimizer_and_scheduler_reach_every_task(tmp_path, name):
     assert cli.model.hparams.optimizer["class_path"] == "torch.optim.Adam"  # what ran is in the hparams
 
 
+def test_an_epoch_schedule_restarts_at_every_task(tmp_path):
+    args = [a for a in FAST if not a.startswith("--trainer.steps_per_task")]
+    cli = run_cli(["fit", f"--trainer.default_root_dir={tmp_path}", *args, "--trainer.epochs_per_task=2",
+                   "--optimizer=SGD", "--optimizer.lr=0.01", "--lr_scheduler=StepLR", "--lr_scheduler.step_size=1",
+                   "--lr_scheduler.gamma=0.5"])
+    assert _recorder(cli).ends == [("SGD", pytest.approx(0.01 * 0.5**2))] * 2  # two epochs per task, then a restart
+
+
 def test_model_level_optimizer_and_warmup_cosine_from_yaml(tmp_path):
     config = tmp_path / "opt.yaml"
     config.write_text("model:\n  init_args:\n    optimizer:\n      class_path: torch.optim.AdamW\n"
