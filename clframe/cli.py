@@ -194,12 +194,7 @@ class ContinualCLI(LightningCLI):
         reset_foreign_backbone_options(config, self.argv)
 
     # LightningCLI calls before_<subcommand> / after_<subcommand> and <subcommand> when defined here
-    def before_fit(self) -> None:
-        reporting.announce_log_folder(reporting.log_folder(self.trainer), "start")
-
-    def after_fit(self) -> None:
-        reporting.announce_log_folder(reporting.log_folder(self.trainer), "end")
-
+    # (fit announces its log folder itself: ContinualTrainer.fit)
     def after_test(self) -> None:
         self.evaluation = reporting.report_evaluation(self.trainer, self.model, "test")
 

@@ -48,6 +48,7 @@ from clframe.loggers import log_stream_to_wandb
 from clframe.metrics.matrix import summarize_matrix
 from clframe.metrics.summary import format_results
 from clframe.metrics.task_accuracy import per_class_accuracy
+from clframe.reporting import announce_log_folder, log_folder
 from clframe.strategies.base import ContinualModule
 
 
@@ -264,6 +265,7 @@ class ContinualTrainer(L.Trainer):
         if ckpt_path is not None:
             ckpt_path = self.resolve_checkpoint(ckpt_path)
         start = self._resume_point(ckpt_path) if ckpt_path is not None else 0
+        announce_log_folder(log_folder(self), "start")  # after _resume_point: a resumed run's own folder
         if ckpt_path is None:
             self.progress.rows, self.progress.val_rows, self.progress.til_rows = [], [], []
             self.progress.initial = None
@@ -425,6 +427,7 @@ class ContinualTrainer(L.Trainer):
         log_stream_to_wandb(self)  # summary, accuracy-matrix table, CLI config; a no-op without a WandbLogger
         self._write_results(Path(self.log_dir or self.default_root_dir))  # log_dir is a collective: every rank asks
         self._print_results()
+        announce_log_folder(log_folder(self), "end")
 
     @rank_zero_only
     def _write_results(self, out: Path) -> None:

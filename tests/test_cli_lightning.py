@@ -113,11 +113,13 @@ def test_a_logger_without_versions_gets_a_folder_per_run(tmp_path):
         assert (Path(trainer.log_dir) / "results.json").is_file()
 
 
-def test_a_resumed_run_logs_on_in_its_own_folder(tmp_path):
+def test_a_resumed_run_logs_on_in_its_own_folder(tmp_path, capsys):
     full = _short_run(tmp_path, CSVLogger(tmp_path), every_step=True)
     mid = sorted((tmp_path / "ckpt").glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))[3]
+    capsys.readouterr()
     resumed = _short_run(tmp_path, CSVLogger(tmp_path), ckpt_path=mid)
     assert resumed.log_dir == full.log_dir
+    assert f"clframe: logging to {Path(full.log_dir).resolve()}" in capsys.readouterr().out  # said at the start too
     assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
 
 
