@@ -19,8 +19,8 @@ STRATEGY_PACKAGES = ("clframe.strategies", "clframe.strategies.interval", "clfra
 SCENARIOS = {
     "class": "class-incremental: new classes per task, one head, no task id at test time",
     "task": "task-incremental: new classes per task, the task id is given",
-    "domain": "domain-incremental: same classes, new input distribution (data.domain: permutation, "
-              "rotation, datasets)",
+    "domain": "domain-incremental: one shared head, no task id (--data.tasks: split, permutation, rotation, "
+              "corruption, datasets)",
 }
 
 
@@ -75,8 +75,8 @@ def example_configs() -> list[str]:
     root = Path(__file__).resolve().parents[1] / "configs"
     if not root.is_dir():
         return []
-    return sorted(str(p.relative_to(root.parent)) for p in root.glob("*/*.yaml")
-                  if p.parent.name not in ("sweeps", "loggers"))
+    return sorted(str(p.relative_to(root.parent)) for p in root.rglob("*.yaml")
+                  if p.parent.name not in ("sweeps", "loggers") and p.parent != root)
 
 
 def describe() -> str:
@@ -94,12 +94,15 @@ def describe() -> str:
     if configs:
         benchmarks: dict[str, list[str]] = {}
         for path in configs:
-            _, bench, file = path.split("/")
+            bench, file = path.split("/", 1)[1].rsplit("/", 1)
             benchmarks.setdefault(bench, []).append(file.removesuffix(".yaml"))
         lines += ["", "benchmarks with ready configs (clframe fit --config configs/<benchmark>/<strategy>.yaml):"]
         for bench, names in benchmarks.items():
             wrapped = textwrap.wrap(", ".join(names), 78)
-            lines += [f"  {bench:<22}{wrapped[0]}", *(" " * 24 + more for more in wrapped[1:])]
+            if len(bench) > 20:  # a nested folder (three_scenarios/split_mnist_task): names on the next line
+                lines += [f"  {bench}", *(" " * 24 + line for line in wrapped)]
+            else:
+                lines += [f"  {bench:<22}{wrapped[0]}", *(" " * 24 + more for more in wrapped[1:])]
     lines += ["", "Start: clframe fit (ER on Split-Digits, no download); options: clframe fit --help;",
               "a strategy's options: clframe fit --model.help ER"]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,13 +23,18 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from clframe import catalog, reporting
 from clframe.config_tags import refuse_python_tags
 from clframe.data.datamodule import ContinualDataModule
-from clframe.errors import ClframeError
+from clframe.diagnose import chain, debug_requested, explain, explain_parser_value
+from clframe.errors import ClframeError, ConfigError
 from clframe.strategies.base import ContinualModule
 from clframe.trainer import ContinualTrainer
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
+SEED_MAX = 2**32 - 1
 DESCRIPTION = ("clframe: continual learning on PyTorch Lightning.\n"
-               "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.")
+               "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.\n"
+               "Suites of runs (methods x seeds): `clframe bench SUITE.yaml --jobs N`, `clframe report SUITE.yaml`, "
+               "`clframe compare RUN_DIR...` (see `clframe bench --help`).\n"
+               "Errors end in one paragraph; add --debug (or set CLFRAME_DEBUG=1) to see the full traceback.")
 
 
 class _CatalogHelpFormatter(DefaultHelpFormatter):
@@ -46,6 +52,11 @@ class ClframeArgumentParser(LightningArgumentParser):
             if _CASE_FIXES and (fix := _CaseFix.of(message)) is not None:
                 raise fix  # the same value in another case: parse again with the allowed spelling
             message = explain_parser_error(message, getattr(ex, "subcommand_parser", None) or self)
+            if not debug_requested():  # the message alone, in one paragraph, not 75 lines of usage before it
+                message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+                self._logger.error(message)
+                sys.stderr.write(f"tip: `clframe fit --help` lists every option\nerror: {message}\n")
+                self.exit(2)
         super().error(message, ex)
 
 
@@ -113,6 +124,12 @@ def _strategy_class(path: str) -> type | None:
     return catalog.strategies().get(name)
 
 
+def _not_allowed(key: str | None, choices: str, value: str) -> str:
+    allowed = [a.strip().strip("'\"") for a in choices.split(",")]
+    return (f"{key}: {value.strip()!r} is not allowed{_did_you_mean(value.strip(), allowed)}; "
+            f"choose one of: {', '.join(allowed)}")
+
+
 def explain_parser_error(message: str, parser: Any = None) -> str:
     """Rewrite jsonargparse's nested error text into "<key>: what is wrong; what is allowed".
 
@@ -121,6 +138,11 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
     head = re.match(r'Parser key "([\w.]+)":', message)
     key = head.group(1) if head else None
     names = list(catalog.strategies())
+    if key == "data" and (m := re.search(r"class_path '[\w.]+':\s*\n\s*Parser key \"([\w.]+)\":\s*\n\s*"
+                                         r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", message)):
+        return _not_allowed(f"data.{m.group(1)}", m.group(2), m.group(3))  # data options keep their short names
+    if explained := explain_parser_value(message, key):
+        return explained
     if m := re.search(r"Import path ?([\w.]*) does not correspond to a subclass of (\w+)", message):
         given = m.group(1) or (g.group(1).strip() if (g := re.search(r"Given value: (.*)", message)) else "?")
         hint = f"; choose one of: {', '.join(names)}" if m.group(2) == "ContinualModule" else ""
@@ -148,9 +170,7 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
         return (f"model: unknown strategy {wanted!r}{_did_you_mean(wanted.rsplit('.', 1)[-1], names)}; choose one of: "
                 f"{', '.join(names)}, or give the import path of your own ContinualModule subclass")
     if m := re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", message):
-        allowed = [a.strip().strip("'\"") for a in m.group(1).split(",")]
-        return (f"{key}: {m.group(2).strip()!r} is not allowed{_did_you_mean(m.group(2).strip(), allowed)}; "
-                f"choose one of: {', '.join(allowed)}")
+        return _not_allowed(key, m.group(1), m.group(2))
     if m := re.search(r"does not accept option '([\w.]+)'", message):
         known = [a.dest for a in getattr(parser, "_actions", []) if isinstance(getattr(a, "dest", None), str)]
         return f"unknown config key {m.group(1)!r}{_did_you_mean(m.group(1), known)}; see `clframe fit --help`"
@@ -166,7 +186,9 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
 
 
 class ContinualCLI(LightningCLI):
-    """LightningCLI with clframe's trainer and data module, any ContinualModule as the model."""
+    """LightningCLI with clframe's trainer, any ContinualModule as the model and any ContinualDataModule
+    (``--data=mymodule.MyDataModule`` or ``data: {class_path: ..., init_args: ...}``) as the data; without a
+    class path the data options (``data: {source: mnist}``, ``--data.n_tasks=10``) go to ContinualDataModule."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         refuse_python_tags(sys.argv[1:] if args is None else list(args))
@@ -176,6 +198,7 @@ class ContinualCLI(LightningCLI):
             model_class=ContinualModule,
             subclass_mode_model=True,
             datamodule_class=ContinualDataModule,
+            subclass_mode_data=True,
             trainer_class=ContinualTrainer,
             seed_everything_default=0,
             parser_class=ClframeArgumentParser,
@@ -216,6 +239,18 @@ class ContinualCLI(LightningCLI):
         warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
 
     before_test = before_validate = before_predict = _prepare_evaluation
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The data module class when a config gives only its options (every config written before subclass mode)."""
+        parser.set_defaults({"data": {"class_path": f"{ContinualDataModule.__module__}.{ContinualDataModule.__name__}"}})
+
+    def _set_seed(self) -> None:
+        """Refuse a seed NumPy cannot take with the option's name, before Lightning fails on it."""
+        seed = self._get(self.config, "seed_everything")
+        if not isinstance(seed, bool) and seed is not None and not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"seed_everything must be between 0 and {SEED_MAX} (NumPy's seed range), got {seed}; "
+                              "pick a seed in that range, or true for a random one")
+        super()._set_seed()
 
     def _parse_ckpt_path(self) -> None:
         """Keep the user's config on resume, however ``--ckpt_path`` is written. (LightningCLI would silently
@@ -315,30 +350,37 @@ def _case_insensitive(start: Any, argv: list[str]) -> ContinualCLI:
 
 
 def main() -> None:
-    """Console-script entry point: bad input ends with one readable paragraph and exit status 2."""
-    def start(argv: list[str]) -> ContinualCLI:
-        sys.argv = [sys.argv[0], *argv]  # DDP starts the other ranks from sys.argv: they must see the fixed names
+    """Console-script entry point: any error ends with one readable paragraph (see :mod:`clframe.diagnose`).
+
+    Bad input exits with status 2, anything unrecognised with 1; ``--debug`` or ``CLFRAME_DEBUG=1``
+    prints the full traceback too. Nothing written before the error is touched.
+    """
+    if sys.argv[1:2] and sys.argv[1] in ("bench", "report", "compare"):  # suites of runs, not a LightningCLI
+        from clframe.bench.cli import main as bench_main
+
+        sys.exit(bench_main(sys.argv[1:]))
+    argv = sys.argv[1:]
+    debug = "--debug" in argv or debug_requested()
+
+    def start(args: list[str]) -> ContinualCLI:
+        sys.argv = [sys.argv[0], *args]  # DDP starts the other ranks from sys.argv: they must see the fixed names
         return ContinualCLI()
 
     try:
-        _case_insensitive(start, with_default_config(sys.argv[1:]))
-    except ValueError as err:
-        cause = input_error(err)
-        if cause is None:
-            raise  # not bad input: a bug, keep the traceback
-        print(f"clframe: error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        _case_insensitive(start, with_default_config([a for a in argv if a != "--debug"]))
+    except (SystemExit, KeyboardInterrupt):
+        raise  # the parser's one-line errors (2), --help, SIGTERM (143, see clframe.checkpoints) and Ctrl-C
+    except BaseException as err:  # noqa: BLE001 - this is the one place every error is turned into words
+        report = explain(err)
+        if debug:
+            traceback.print_exception(err)
+        print(f"clframe: error: {report.message}", file=sys.stderr)
+        sys.exit(report.status)
 
 
 def input_error(err: BaseException) -> ClframeError | None:
     """The ClframeError behind ``err`` (jsonargparse wraps errors raised while building classes)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, ClframeError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    return next((e for e in chain(err) if isinstance(e, ClframeError)), None)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
 from clframe.loggers import log_stream_to_wandb
+from clframe.loops import ExactResumeFitLoop
 from clframe.metrics.matrix import summarize_matrix
 from clframe.metrics.summary import format_results
 from clframe.metrics.task_accuracy import per_class_accuracy
@@ -168,6 +169,21 @@ class StreamProgress(L.Callback):
         self.end_task(trainer, pl_module)
 
 
+def check_optimisation_options(kwargs: dict[str, Any]) -> None:
+    """Trainer options Lightning passes on unchecked: a negative clip value flips the gradient's sign
+    (torch scales it by max_norm / norm), 0 accumulated batches or a 0 validation interval divide by
+    zero, and 0 training batches give a run that silently learns nothing."""
+    clip, accumulate = kwargs.get("gradient_clip_val"), kwargs.get("accumulate_grad_batches", 1)
+    if clip is not None and not clip >= 0:
+        raise ConfigError(f"gradient_clip_val must be non-negative (or null for no clipping), got {clip}")
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise ConfigError(f"accumulate_grad_batches must be a positive number of batches, got {accumulate}")
+    if kwargs.get("limit_train_batches") == 0:  # Lightning then skips training and the run reports chance level
+        raise ConfigError("limit_train_batches=0 trains nothing; give a positive number (or fraction) of batches")
+    if kwargs.get("val_check_interval") is not None and not kwargs["val_check_interval"] > 0:
+        raise ConfigError(f"val_check_interval must be positive, got {kwargs['val_check_interval']}")
+
+
 def restart_monitored_checkpoints(trainer: L.Trainer) -> None:
     """Give every ``ModelCheckpoint`` that monitors a metric a fresh best-k list at a task start.
 
@@ -222,6 +238,7 @@ class ContinualTrainer(L.Trainer):
             raise ConfigError(f"steps_per_task must be at least 1, got {steps_per_task}")
         if steps_per_task is not None and kwargs.get("max_steps") not in (None, -1):
             raise ConfigError("set steps_per_task or max_steps, not both (ContinualTrainer manages max_steps)")
+        check_optimisation_options(kwargs)
         kwargs.pop("max_epochs", None)
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = CSVLogger(kwargs.get("default_root_dir") or os.getcwd(), name="lightning_logs")
@@ -234,6 +251,7 @@ class ContinualTrainer(L.Trainer):
         kwargs.update(checkpoint_kwargs(kwargs, trust_checkpoints))  # atomic sealed saves, safe loads, SIGTERM
         self.trust_checkpoints, self.allow_changed = trust_checkpoints, list(allow_changed or [])
         super().__init__(*args, max_epochs=epochs_per_task, use_distributed_sampler=False, **kwargs)
+        self.fit_loop = ExactResumeFitLoop.replacing(self.fit_loop)  # exact resume at epoch and task ends
         if isinstance(self.strategy.launcher, _MultiProcessingLauncher):
             raise ConfigError(
                 "spawning strategies (ddp_spawn, ddp_fork, ddp_notebook) start new processes for every fit/test call, "

@@ -132,7 +132,7 @@ def test_a_timm_backbone_runs_from_the_default_config(tmp_path):
 
 def test_backbone_options_of_another_backbone_are_named(tmp_path):
     args = ["fit", *TINY, f"--trainer.default_root_dir={tmp_path}"]
-    with pytest.raises(ConfigError, match="backbone 'mlp' has no option 'hiden_sizes'.*did you mean 'hidden_sizes'"):
+    with pytest.raises(ConfigError, match="backbone 'mlp' has no option.*'hiden_sizes'.*did you mean 'hidden_sizes'"):
         run_cli([*args, "--model.backbone_kwargs={hiden_sizes: [8]}"])
     with pytest.raises(ConfigError, match="timm:resnet18 has no option 'hidden_sizes'.*its options: .*layers"):
         run_cli([*args, "--model.backbone=timm:resnet18", "--model.backbone_kwargs={hidden_sizes: [8]}"])

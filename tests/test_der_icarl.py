@@ -283,7 +283,7 @@ def test_icarl_with_continual_evaluation_and_task_incremental_streams(tmp_path) 
 
 def test_icarl_refuses_domain_streams_and_tiny_memories() -> None:
     with pytest.raises(ConfigError, match="domain"):
-        ICaRL(buffer_size=50).bind_stream(ContinualDataModule(source="digits", scenario="domain", n_tasks=2).stream)
+        ICaRL(buffer_size=50).bind_stream(ContinualDataModule(source="digits", scenario="domain", tasks="permutation", n_tasks=2).stream)
     with pytest.raises(ConfigError, match="buffer_size"):
         ICaRL(buffer_size=5).bind_stream(_digits().stream)
 

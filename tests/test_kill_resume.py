@@ -77,3 +77,25 @@ def test_killed_run_resumes_exactly(tmp_path, name):
     for key in a:
         if isinstance(a[key], torch.Tensor):
             assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resuming from step {kill_at}"
+
+
+@pytest.mark.slow
+def test_run_killed_at_a_task_start_resumes_exactly(tmp_path):
+    """SIGKILL when task 2 starts (after task 1's end hooks and evaluation): the last checkpoint is task 1's
+    last batch, and task 2 has more batches per epoch (9, 9, 10, 9, 9), so a resume that carried task 1's
+    batch position over would cut task 2's first epoch short."""
+    extra = STRATEGIES["ER"]
+    full = _fit(tmp_path / "full", tmp_path / "full_ckpt", extra)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _fit(tmp_path / "killed", tmp_path / "ckpt", extra,
+                  "--trainer.callbacks+=tests.helpers.kill.KillAtTaskStart", "--trainer.callbacks.task=2")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _fit(tmp_path / "resumed", tmp_path / "ckpt", extra, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _results(tmp_path / "resumed")["accuracy_matrix"] == _results(tmp_path / "full")["accuracy_matrix"]
+    full_ckpt = torch.load(tmp_path / "full_ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed_ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed_ckpt["global_step"] == full_ckpt["global_step"]
+    for key, value in full_ckpt["state_dict"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, resumed_ckpt["state_dict"][key]), key

@@ -485,7 +485,7 @@ def test_exssnet_resumes_mid_task_from_a_checkpoint(tmp_path: Path) -> None:
 
     def setup(name: str) -> tuple[ContinualDataModule, ExSSNeT, ContinualTrainer]:
         L.seed_everything(0, verbose=False)
-        dm = ContinualDataModule(source="digits", scenario="domain", n_tasks=3, batch_size=32, normalize=False)
+        dm = ContinualDataModule(source="digits", scenario="domain", tasks="permutation", n_tasks=3, batch_size=32, normalize=False)
         ckpt = ModelCheckpoint(dirpath=tmp_path / name, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
         trainer = ContinualTrainer(epochs_per_task=2, logger=False, callbacks=[ckpt], default_root_dir=tmp_path,
                                    **{**QUIET_TRAINER, "enable_checkpointing": True})
@@ -551,7 +551,7 @@ def test_exssnet_beats_supsup_at_low_density(tmp_path: Path) -> None:
 
     def final(model: Any, epochs: int) -> list[list[float]]:
         L.seed_everything(0, verbose=False)
-        dm = ContinualDataModule(source="digits", scenario="domain", n_tasks=5, batch_size=32, normalize=False)
+        dm = ContinualDataModule(source="digits", scenario="domain", tasks="permutation", n_tasks=5, batch_size=32, normalize=False)
         trainer = ContinualTrainer(epochs_per_task=epochs, logger=False, default_root_dir=tmp_path, **QUIET_TRAINER)
         trainer.fit(model, datamodule=dm)
         return trainer.accuracy_matrix

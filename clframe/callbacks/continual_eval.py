@@ -125,12 +125,13 @@ class ContinualEvaluation(ContinualCallback):
         return stats
 
     def _record(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if self._pending_meta and self._pending_meta[-1][0] == step and \
-                self._pending_meta[-1][1] == trainer.datamodule.current_task:
-            return
+        step, task = trainer.global_step, int(trainer.datamodule.current_task)
+        last = self._pending_meta[-1] if self._pending_meta else (
+            (self.steps[-1], self.trained_task[-1]) if self.steps else None)  # flushed by a checkpoint
+        if last is not None and tuple(last) == (step, task):
+            return  # recorded already (a resumed run's on_train_start, an epoch end after a checkpoint)
         self._pending.append(self.evaluate(trainer, module))
-        self._pending_meta.append((step, int(trainer.datamodule.current_task)))
+        self._pending_meta.append((step, task))
 
     def _flush(self) -> None:
         """Move the pending evaluations to the host: one transfer (and under DDP one reduction) for the whole task.
@@ -170,7 +171,8 @@ class ContinualEvaluation(ContinualCallback):
         if self._data is None:
             self._build_subsets(trainer.datamodule.stream, trainer.global_rank, trainer.world_size)
         self._strategy = trainer.strategy if trainer.world_size > 1 else None
-        self._record(trainer, pl_module)  # before the task's first update
+        if not trainer.fit_loop._loaded_from_state_dict:  # not when a run resumes inside the task
+            self._record(trainer, pl_module)  # before the task's first update
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -11,8 +11,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clframe.data.augment import TransformSpec, build_pipeline
+from clframe.data.resize import check_resize, resize_source
 from clframe.data.samplers import EpochShuffleSampler, PerTaskBatchSampler, ShardSampler
-from clframe.data.scenarios import ScenarioError, class_incremental, domain_incremental, task_incremental
+from clframe.data.scenarios import (
+    ScenarioError,
+    check_unused_options,
+    class_incremental,
+    domain_incremental,
+    resolve_task_kind,
+)
 from clframe.data.sources import load_source
 from clframe.data.stream import Batch, TaskDataset, TaskStream, passthrough_collate
 
@@ -52,7 +59,9 @@ class ResumableDataLoader(DataLoader):
         return self.batch_sampler if isinstance(self.batch_sampler, PerTaskBatchSampler) else self.sampler
 
     def __iter__(self):
-        self._yielded, self._resumed = self._resumed, 0  # batches of this epoch already consumed
+        resumed, self._resumed = self._resumed, 0  # batches of this epoch already consumed
+        # ... unless the sampler dropped that position: the restored epoch was over and a new one begins
+        self._yielded = resumed if self._order().start else 0
         for batch in super().__iter__():
             self._yielded += 1
             yield batch
@@ -78,9 +87,14 @@ class ContinualDataModule(L.LightningDataModule):
     each seen task in every batch); ``val/test_dataloader`` serve one loader per seen task, in task
     order, so ``dataloader_idx`` equals the task id. Batches are ``(uint8 x, label, task id)``;
     strategies scale and normalise on the device (`normalize=False`: scale to [0, 1] only).
-    Domain-incremental streams (``scenario="domain"``) pick ``domain``: ``permutation``, ``rotation``
-    (``angles``), ``datasets`` (``domain_sources``) or ``corruption`` (``corruptions`` at ``severity``
-    1-5; see :mod:`clframe.data.corruptions`).
+    ``tasks`` says how tasks differ: ``split`` (each task a subset of the classes; the default for class-
+    and task-incremental streams), ``permutation``, ``rotation`` (``angles``), ``datasets``
+    (``domain_sources``) or ``corruption`` (``corruptions`` at ``severity`` 1-5; see
+    :mod:`clframe.data.corruptions`). ``scenario`` says what is shared at test time; every pair works
+    (see :mod:`clframe.data.scenarios`), e.g. ``scenario="domain", tasks="split"`` relabels each task's
+    classes to 0..k-1 over one shared k-way head. ``domain`` is the older name of ``tasks``.
+    ``image_size`` pads (``resize="pad"``, zeros around the image) or resizes (``"bilinear"``) every
+    image to a square size once, at load time (MNIST to 32x32 as in several MNIST protocols).
     ``train_transforms`` / ``eval_transforms``: a preset (``cifar_crop_flip``, ``tiny_imagenet_crop_flip``)
     or a list of ``torchvision.transforms.v2`` classes (see :mod:`clframe.data.augment`), applied by the
     strategy on its device, per sample: to training inputs only (train) or to evaluation inputs (eval).
@@ -99,7 +113,8 @@ class ContinualDataModule(L.LightningDataModule):
         first_task_classes: int | None = None,
         class_order: list[int] | None = None,
         shuffle_classes: bool = False,
-        domain: Literal["permutation", "rotation", "datasets", "corruption"] = "permutation",
+        tasks: Literal["split", "permutation", "rotation", "datasets", "corruption"] | None = None,
+        domain: Literal["split", "permutation", "rotation", "datasets", "corruption"] | None = None,
         domain_sources: list[str] | None = None,
         angles: list[float] | None = None,
         corruptions: list[str] | None = None,
@@ -118,6 +133,8 @@ class ContinualDataModule(L.LightningDataModule):
         normalize: bool = True,
         seed: int | None = None,
         views_per_sample: int = 1,
+        image_size: int | None = None,
+        resize: Literal["pad", "bilinear"] = "pad",
         train_transforms: TransformSpec = None,
         eval_transforms: TransformSpec = None,
     ) -> None:
@@ -127,9 +144,13 @@ class ContinualDataModule(L.LightningDataModule):
                            build_pipeline(eval_transforms, "data.eval_transforms"))
         if batch_size < 1 or eval_batch_size < 1:
             raise ScenarioError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        if num_workers < 0:
+            raise ScenarioError(f"num_workers must be 0 (load in the main process) or a positive number of loader "
+                                f"processes, got {num_workers}")
         if views_per_sample < 1 or batch_size % views_per_sample:
             raise ScenarioError(f"views_per_sample ({views_per_sample}) must be positive and divide batch_size "
                                 f"({batch_size}): every batch holds batch_size / views_per_sample samples x their views")
+        check_resize(image_size, resize)
         self.current_task = 0
         self.train_scope: TrainScope = "current"
         self._stream: TaskStream | None = None
@@ -143,13 +164,23 @@ class ContinualDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_stream(cls, stream: TaskStream, **kwargs: Any) -> ContinualDataModule:
-        """Serve an already built stream (Python API)."""
-        dm = cls(**kwargs)
+        """Serve an already built stream (Python API); its scenario is the stream's."""
+        given = kwargs.pop("scenario", stream.scenario)
+        if given != stream.scenario:
+            raise ScenarioError(f"scenario={given!r} was given for a {stream.scenario}-incremental stream; the data "
+                                "module serves the stream as built, so leave scenario out (or build the stream again)")
+        if kwargs.get("image_size") is not None:
+            raise ScenarioError("image_size resizes images while the data module builds its stream; a given stream "
+                                "is served as built. Resize its source first (clframe.data.resize.resize_source).")
+        dm = cls(scenario=stream.scenario, **kwargs)
         dm._stream = stream
         return dm
 
     def _load(self, name: str, download: bool):
-        return load_source(name, root=self.hparams.data_root, download=download, **(self.hparams.source_options or {}))
+        source = load_source(name, root=self.hparams.data_root, download=download,
+                             **(self.hparams.source_options or {}))
+        size = self.hparams.get("image_size")
+        return source if download or size is None else resize_source(source, size, self.hparams.get("resize", "pad"))
 
     def prepare_data(self) -> None:
         """Downloads (once, on rank 0) when asked to; the stream itself is built in ``setup``."""
@@ -168,21 +199,22 @@ class ContinualDataModule(L.LightningDataModule):
 
     def build_stream(self) -> TaskStream:
         h = self.hparams
+        kind = resolve_task_kind(h.scenario, h.get("tasks"), h.domain)
+        check_unused_options(kind, classes_per_task=h.classes_per_task, first_task_classes=h.first_task_classes,
+                             class_order=h.class_order, shuffle_classes=h.shuffle_classes, angles=h.angles,
+                             corruptions=h.corruptions, domain_sources=h.domain_sources)
         limits = dict(seed=self.seed, val_fraction=h.val_fraction, train_samples_per_class=h.train_samples_per_class,
-                      test_samples_per_class=h.test_samples_per_class)
-        if h.scenario == "domain":
-            names = h.domain_sources if h.domain == "datasets" else [h.source]
+                      test_samples_per_class=h.test_samples_per_class, scenario=h.scenario)
+        if kind != "split":
+            names = h.domain_sources if kind == "datasets" else [h.source]
             if not names:
-                raise ScenarioError("scenario='domain' with domain='datasets' needs domain_sources: a list of data set names")
+                raise ScenarioError("tasks='datasets' needs domain_sources: a list of data set names, one per task")
             sources = [self._load(n, download=False) for n in names]
-            return domain_incremental(sources, kind=h.domain, n_tasks=h.n_tasks, angles=h.angles,
+            return domain_incremental(sources, kind=kind, n_tasks=h.n_tasks, angles=h.angles,
                                       corruptions=h.corruptions, severity=h.severity, **limits)
-        builder = {"class": class_incremental, "task": task_incremental}.get(h.scenario)
-        if builder is None:
-            raise ScenarioError(f"unknown scenario {h.scenario!r}; allowed: class, task, domain")
-        return builder(self._load(h.source, download=False), n_tasks=h.n_tasks, classes_per_task=h.classes_per_task,
-                       first_task_classes=h.first_task_classes, class_order=h.class_order,
-                       shuffle_classes=h.shuffle_classes, **limits)
+        return class_incremental(self._load(h.source, download=False), n_tasks=h.n_tasks,
+                                 classes_per_task=h.classes_per_task, first_task_classes=h.first_task_classes,
+                                 class_order=h.class_order, shuffle_classes=h.shuffle_classes, **limits)
 
     def setup(self, stage: str | None = None) -> None:
         if self._stream is None:

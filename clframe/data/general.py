@@ -21,6 +21,8 @@ from torch import Tensor
 
 from clframe.data.samplers import epoch_seed
 from clframe.data.sources import load_source, resolve_data_root
+from clframe.errors import ConfigError
+from clframe.models.factory import check_kwargs
 
 
 @dataclass
@@ -133,15 +135,25 @@ def build_general_set(spec: dict[str, Any] | GeneralSet, tokenizer: Any = None) 
     if isinstance(spec, GeneralSet):
         return spec
     spec = dict(spec)
+    n = spec.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"the general set's n must be a positive number of samples (or null for all), got {n!r}")
     if "source" in spec:
-        return general_from_source(spec.pop("source"), **spec)
-    if tokenizer is None:
+        builder, args = general_from_source, (spec.pop("source"),)
+    elif tokenizer is None:
         raise ValueError("a text general set needs a tokenizer: use a language-model backbone (hf_causal_lm, smollm2)")
-    if "text_file" in spec:
-        return general_from_text(spec.pop("text_file"), tokenizer, **spec)
-    if "parquet" in spec:
-        return general_from_parquet_text(spec.pop("parquet"), tokenizer, **spec)
-    raise ValueError(f"a general set spec needs one of 'source', 'text_file', 'parquet'; got keys {sorted(spec)}")
+    elif "text_file" in spec:
+        builder, args = general_from_text, (spec.pop("text_file"), tokenizer)
+    elif "parquet" in spec:
+        builder, args = general_from_parquet_text, (spec.pop("parquet"), tokenizer)
+    else:
+        raise ValueError(f"a general set spec needs one of 'source', 'text_file', 'parquet'; got keys {sorted(spec)}")
+    check_kwargs(f"general set ({builder.__name__})", builder, spec, skip=("source", "path", "tokenizer"),
+                 where="general")
+    general = builder(*args, **spec)
+    if len(general) == 0:
+        raise ConfigError(f"the general set built from {spec} is empty; point it at data with samples, or raise n")
+    return general
 
 
 class GeneralReplaySampler:

@@ -1,9 +1,17 @@
 """Scenario builders: turn a loaded data source into a :class:`TaskStream`.
 
-Class- and task-incremental streams split the classes; labels are remapped to the class order,
-so task 0 always owns the lowest label ids and "classes seen so far" is a prefix. Domain-
-incremental streams keep the label space and change the inputs (permuted or rotated pixels,
-generated image corruptions, or a sequence of data sets).
+Two questions define a stream: how the tasks differ (``tasks``: ``split`` = each task a subset of the
+classes; ``permutation``, ``rotation``, ``corruption``, ``datasets`` = each task a new input
+distribution) and what is shared at test time (``scenario``: ``class``, ``task``, ``domain``).
+Every pair is a stream (see :func:`build_stream`):
+
+- split + class/task: labels are remapped to the class order, so task 0 owns the lowest label ids and
+  "classes seen so far" is a prefix.
+- split + domain: each task's classes are relabelled to their position within the task (task t's
+  classes become 0..k-1), one shared k-way head (Split-MNIST as a domain-incremental problem).
+- domain shift + domain: the label space is shared and the inputs change.
+- domain shift + class/task: task t's labels are offset by t x (classes per domain), so every task
+  brings new classes (Permuted-MNIST as a 100-class problem, or with one head per task).
 """
 
 from __future__ import annotations
@@ -141,19 +149,28 @@ def class_incremental(
     """
     order = resolve_class_order(source.num_classes, class_order, seed if shuffle_classes else None)
     counts = split_classes(len(order), n_tasks, classes_per_task, first_task_classes)
+    within = scenario == "domain"  # split tasks sharing one head: labels are positions within the task
+    if within and len(set(counts)) > 1:
+        raise ScenarioError(
+            f"a domain-incremental split stream shares one head of k outputs between tasks, so every task needs "
+            f"the same number of classes; this split gives {counts}. Drop first_task_classes (or make the class "
+            "order divide evenly), or use scenario='class' or 'task' for tasks of different sizes."
+        )
     gen = _generator(seed)
     label_map = torch.full((source.num_classes,), -1, dtype=torch.long)
-    label_map[torch.tensor(order)] = torch.arange(len(order))
+    label_map[torch.tensor(order)] = torch.arange(len(order)) % counts[0] if within else torch.arange(len(order))
     train_y, test_y = label_map[source.train_y], label_map[source.test_y]
 
+    pos_train, pos_test = _positions(order, source.num_classes, source.train_y, source.test_y) if within else (train_y, test_y)
     tasks, start = [], 0
     for t, n in enumerate(counts):
-        classes = tuple(range(start, start + n))
+        positions = tuple(range(start, start + n))
+        classes = tuple(range(n)) if within else positions
         start += n
-        train_idx = _limit_per_class(train_y, classes, train_samples_per_class, gen)
-        test_idx = _limit_per_class(test_y, classes, test_samples_per_class, gen)
+        train_idx = _limit_per_class(pos_train, positions, train_samples_per_class, gen)
+        test_idx = _limit_per_class(pos_test, positions, test_samples_per_class, gen)
         if len(train_idx) == 0 or len(test_idx) == 0:
-            names = [source.class_names[order[c]] for c in classes]
+            names = [source.class_names[order[c]] for c in positions]
             raise ScenarioError(f"task {t} (classes {names}) has no {'training' if len(train_idx) == 0 else 'test'} samples")
         train_idx, val_idx = _split_val(train_idx, val_fraction, gen)
         tasks.append(Task(
@@ -162,18 +179,36 @@ def class_incremental(
             test=TaskDataset(source.test_x, test_y, t, test_idx),
             val=None if val_idx is None else TaskDataset(source.train_x, train_y, t, val_idx),
         ))
+    names = [source.class_names[c] for c in order]
+    if within:  # output j stands for the j-th class of every task, e.g. "0/2/4/6/8"
+        names = ["/".join(names[j::counts[0]]) for j in range(counts[0])]
+    description = {"class_order": order, "counts": counts, "val_fraction": val_fraction,
+                   "train_limit": train_samples_per_class, "test_limit": test_samples_per_class}
+    if within:
+        description["labels"] = "within_task"
     return TaskStream(
-        name=f"split_{source.name}", scenario=scenario, tasks=tasks, num_classes=len(order),
+        name=f"split_{source.name}", scenario=scenario, tasks=tasks, num_classes=counts[0] if within else len(order),
         input_shape=tuple(source.input_shape), mean=tuple(source.mean), std=tuple(source.std),
-        class_names=[source.class_names[c] for c in order], seed=seed,
-        description={"class_order": order, "counts": counts, "val_fraction": val_fraction,
-                     "train_limit": train_samples_per_class, "test_limit": test_samples_per_class},
+        class_names=names, seed=seed, description=description,
     )
+
+
+def _positions(order: Sequence[int], num_classes: int, *labels: Tensor) -> tuple[Tensor, ...]:
+    """Source labels mapped to positions in the class order (-1 for classes left out)."""
+    pos = torch.full((num_classes,), -1, dtype=torch.long)
+    pos[torch.tensor(list(order))] = torch.arange(len(order))
+    return tuple(pos[y] for y in labels)
 
 
 def task_incremental(source: SourceData, **kwargs) -> TaskStream:
     """The class-incremental split with the task id available at test time."""
     return class_incremental(source, scenario="task", **kwargs)
+
+
+def domain_split(source: SourceData, **kwargs) -> TaskStream:
+    """The class split as a domain-incremental stream: every task's classes relabelled to 0..k-1 (their
+    position within the task) and one shared k-way head, as in Split-MNIST's domain-incremental form."""
+    return class_incremental(source, scenario="domain", **kwargs)
 
 
 # ----------------------------------------------------------------------------- domain-incremental
@@ -199,6 +234,49 @@ class RotateImages:
 
 
 DOMAIN_KINDS = ("permutation", "rotation", "datasets", "corruption")
+TASK_KINDS = ("split", *DOMAIN_KINDS)
+"""How tasks differ: a split of the classes, or a shift of the input distribution."""
+
+_SPLIT_OPTIONS = ("classes_per_task", "first_task_classes", "class_order", "shuffle_classes")
+_KIND_OPTIONS = {"angles": "rotation", "corruptions": "corruption", "domain_sources": "datasets"}
+
+
+def resolve_task_kind(scenario: str, tasks: str | None = None, domain: str | None = None) -> str:
+    """The kind of tasks (:data:`TASK_KINDS`) that ``tasks`` (or its older name ``domain``) asks for.
+
+    Unset, class- and task-incremental streams split the classes; a domain-incremental stream must say
+    which, since both a class split and a domain shift make sense there.
+    """
+    if scenario not in ("class", "task", "domain"):
+        raise ScenarioError(f"unknown scenario {scenario!r}; allowed: class, task, domain")
+    for name, value in (("tasks", tasks), ("domain", domain)):
+        if value is not None and value not in TASK_KINDS:
+            raise ScenarioError(f"unknown {name} {value!r}; allowed: {', '.join(TASK_KINDS)}")
+    if tasks is not None and domain is not None and tasks != domain:
+        raise ScenarioError(
+            f"tasks={tasks!r} and domain={domain!r} disagree: both say how the tasks differ (domain is the older "
+            "name of tasks). Set only tasks."
+        )
+    kind = tasks if tasks is not None else domain
+    if kind is None and scenario == "domain":
+        raise ScenarioError(
+            "scenario='domain' needs to know how the tasks differ: set tasks='split' for a class split with one "
+            "shared head of within-task labels (Split-MNIST as a domain-incremental problem), or tasks="
+            "'permutation', 'rotation', 'corruption' or 'datasets' for a shift of the inputs over one label space."
+        )
+    return kind or "split"
+
+
+def check_unused_options(kind: str, **options: object) -> None:
+    """Refuse options that the stream would ignore (a class order on permuted tasks, angles on a split)."""
+    unused = [n for n in _SPLIT_OPTIONS if options.get(n) not in (None, False) and kind != "split"]
+    unused += [n for n, k in _KIND_OPTIONS.items() if options.get(n) is not None and kind != k]
+    if unused:
+        owners = {**dict.fromkeys(_SPLIT_OPTIONS, "split"), **_KIND_OPTIONS}
+        detail = ", ".join(f"{n} (for tasks={owners[n]!r})" for n in unused)
+        raise ScenarioError(
+            f"{detail} would have no effect on {kind!r} tasks. Remove it, or set tasks to the kind it belongs to."
+        )
 
 
 def _corrupted(data: TaskDataset, name: str, severity: int, seed: int) -> TaskDataset:
@@ -220,8 +298,9 @@ def domain_incremental(
     test_samples_per_class: int | None = None,
     corruptions: Sequence[str] | None = None,
     severity: int = 3,
+    scenario: str = "domain",
 ) -> TaskStream:
-    """Tasks that share one label space and differ in their inputs.
+    """Tasks that differ in their inputs; by default (``scenario="domain"``) they share one label space.
 
     ``permutation``: each task a seeded pixel permutation (``identity_first`` keeps task 0 plain).
     ``rotation``: each task rotates by one angle, given in ``angles`` or drawn from ``angle_range``.
@@ -229,7 +308,13 @@ def domain_incremental(
     ``corruption``: each task one image corruption (``corruptions``, names from
     :data:`clframe.data.corruptions.CORRUPTIONS`, ``none`` = clean) at ``severity`` 1-5, applied once
     to the task's images with a seed of (stream seed, task): a fixed corrupted copy, CIFAR-10-C style.
+
+    ``scenario="class"`` or ``"task"``: task t's labels are offset by ``t * num_classes``, so each domain
+    brings its own classes (a ``n_tasks * num_classes``-way head, seen classes growing in class-incremental
+    streams, the task's own block of outputs in task-incremental ones).
     """
+    if scenario not in ("class", "task", "domain"):
+        raise ScenarioError(f"unknown scenario {scenario!r}; allowed: class, task, domain")
     if kind not in DOMAIN_KINDS:
         raise ScenarioError(f"unknown domain-incremental kind {kind!r}; allowed: {', '.join(DOMAIN_KINDS)}")
     srcs = [sources] if isinstance(sources, SourceData) else list(sources)
@@ -305,9 +390,29 @@ def domain_incremental(
         ))
     mean = tuple(sum(m) / len(srcs) for m in zip(*(s.mean for s in srcs), strict=True))
     std = tuple(sum(m) / len(srcs) for m in zip(*(s.std for s in srcs), strict=True))
+    description = {"domains": [d for _, _, d in plan], "train_limit": train_samples_per_class,
+                   "test_limit": test_samples_per_class, "val_fraction": val_fraction}
+    names = list(srcs[0].class_names)
+    if scenario != "domain":  # every domain brings its own classes
+        tasks = [_with_label_offset(task, task.id * num_classes) for task in tasks]
+        names = [f"{name}@{domain}" for _, _, domain in plan for name in names]
+        num_classes *= len(plan)
+        description["labels"] = "offset_per_task"
     return TaskStream(
-        name=f"{kind}_{'_'.join(s.name for s in srcs)}", scenario="domain", tasks=tasks, num_classes=num_classes,
-        input_shape=tuple(srcs[0].input_shape), mean=mean, std=std, class_names=list(srcs[0].class_names),
-        seed=seed, description={"domains": [d for _, _, d in plan], "train_limit": train_samples_per_class,
-                                "test_limit": test_samples_per_class, "val_fraction": val_fraction},
+        name=f"{kind}_{'_'.join(s.name for s in srcs)}", scenario=scenario, tasks=tasks, num_classes=num_classes,
+        input_shape=tuple(srcs[0].input_shape), mean=mean, std=std, class_names=names, seed=seed,
+        description=description,
     )
+
+
+def _offset(data: TaskDataset | None, offset: int) -> TaskDataset | None:
+    if data is None:
+        return None
+    return TaskDataset(data.inputs, data.labels + offset, data.task_id, data.indices, data.input_transform,
+                       data.sample_transform)
+
+
+def _with_label_offset(task: Task, offset: int) -> Task:
+    """The task with its labels moved to ``offset..offset+C-1`` (one label copy per task; inputs stay shared)."""
+    return Task(id=task.id, classes=tuple(c + offset for c in task.classes), domain=task.domain,
+                train=_offset(task.train, offset), test=_offset(task.test, offset), val=_offset(task.val, offset))

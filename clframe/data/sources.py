@@ -55,7 +55,7 @@ class SourceData:
     def __post_init__(self) -> None:
         # Checked here so that user-registered loaders fail at once, not deep inside a training run.
         self.class_names = [str(c) for c in self.class_names]
-        self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        self.mean, self.std = tuple(float(m) for m in self.mean), guard_std(self.std, f"source {self.name!r}")
         for split in ("train", "test"):
             _check_split(self, split)
         if self.test_x.shape[1:] != self.train_x.shape[1:]:
@@ -68,6 +68,7 @@ class SourceData:
                 f"source {self.name!r}: mean/std need one value per channel ({self.train_x.shape[1]}), got "
                 f"{self.mean} / {self.std}"
             )
+        _check_every_class_present(self)
 
     @property
     def num_classes(self) -> int:
@@ -83,6 +84,24 @@ class SourceData:
             f"SourceData(name={self.name!r}, train={tuple(self.train_x.shape)}, test={tuple(self.test_x.shape)}, "
             f"num_classes={self.num_classes})"
         )
+
+
+STD_FLOOR = 1e-3  # in [0, 1] units: under a quarter of a grey level, i.e. a constant channel
+
+
+def guard_std(std: Sequence[float], where: str) -> tuple[float, ...]:
+    """Per-channel std with constant channels set to 1 (left unscaled), so normalising never divides by ~0.
+
+    A channel that never varies (e.g. blue = 0 in every image) has std 0; dividing by it turns every
+    input into NaN or inf, which then looks like a learning-rate problem.
+    """
+    out = tuple(float(v) for v in std)
+    constant = [c for c, v in enumerate(out) if not v >= STD_FLOOR]  # `not >=` also catches NaN
+    if constant:
+        warnings.warn(f"{where}: channel(s) {constant} are constant (std {[out[c] for c in constant]}); they are "
+                      "left unscaled (std 1) instead of divided by ~0. Check the images if this is unexpected.",
+                      UserWarning, stacklevel=2)
+    return tuple(1.0 if c in constant else v for c, v in enumerate(out))
 
 
 def _check_split(data: SourceData, split: str) -> None:
@@ -102,6 +121,29 @@ def _check_split(data: SourceData, split: str) -> None:
         raise DataSourceError(
             f"source {data.name!r}: {split} labels span {int(y.min())}..{int(y.max())} but there are "
             f"{data.num_classes} class names; labels must be 0..{data.num_classes - 1}"
+        )
+
+
+def _check_every_class_present(data: SourceData) -> None:
+    """A class without train samples is refused: it would get a head unit that is never trained. A class
+    without test samples is warned about: its task's accuracy then covers only the task's other classes."""
+    for split in ("train", "test"):
+        counts = torch.bincount(getattr(data, f"{split}_y"), minlength=data.num_classes)
+        empty = [i for i, n in enumerate(counts.tolist()) if n == 0]
+        if not empty:
+            continue
+        shown = ", ".join(f"{i} ({data.class_names[i]!r})" for i in empty[:10])
+        shown += f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        if split == "train":
+            raise DataSourceError(
+                f"source {data.name!r}: class(es) {shown} have no train samples (of {data.num_classes} classes). "
+                "Add train samples for them, or remove them from the class names (integer labels without class "
+                "names must be 0..K-1; gaps are closed automatically)"
+            )
+        warnings.warn(
+            f"source {data.name!r}: class(es) {shown} have no test samples, so the accuracy of their tasks is "
+            "measured on the tasks' other classes only; add test samples for them to score them",
+            UserWarning, stacklevel=4,
         )
 
 
@@ -268,12 +310,32 @@ def _decode_one(src: bytes | str | Path, channels: int | None, image_size: int |
 
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
         grey = channels == 1 or (channels is None and img.mode in _GREY_MODES)
+        img = _to_8bit(img)
         mode = "L" if grey else "RGB"
         img = img.convert(mode) if img.mode != mode else img
         if image_size is not None and img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
         arr = np.asarray(img)
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _to_8bit(img: Any) -> Any:
+    """A 16-bit grey image scaled to 8 bits (0..65535 -> 0..255); PIL's own convert would clip at 255.
+
+    32-bit integer and float images have no agreed range, so they are refused rather than guessed.
+    """
+    from PIL import Image
+
+    if img.mode == "F" or (img.mode == "I" and img.format not in ("PNG", None)):
+        raise ValueError(f"{img.mode!r} ({'float' if img.mode == 'F' else '32-bit'}) images have no fixed range; "
+                         "convert them to 8- or 16-bit images first")
+    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return img
+    values = np.asarray(img).astype(np.float64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"pixel values span {values.min():g}..{values.max():g}, outside 16 bits; "
+                         "convert the images to 8- or 16-bit first")
+    return Image.fromarray(np.round(values / 257.0).astype(np.uint8), mode="L")
 
 
 def _decode_images(
@@ -329,7 +391,7 @@ def _encode_labels(
         raise DataSourceError("some rows have no label; drop them or fill the label column")
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         if names is None:
-            names = [str(i) for i in range(max(values) + 1)]
+            return _contiguous_ids(train, test)
         return torch.tensor(train, dtype=torch.int64), torch.tensor(test, dtype=torch.int64), list(names)
     if all(isinstance(v, str) for v in values):
         names = sorted(set(train))
@@ -344,6 +406,24 @@ def _encode_labels(
     raise DataSourceError(
         f"labels must be all integers or all strings, got e.g. {values[0]!r}; pick another label_column"
     )
+
+
+def _contiguous_ids(train: list[int], test: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Integer labels without class names: ids 0..K-1 as they are; gaps (e.g. only 10 and 20) are closed
+    by renumbering in sorted order, so no class without samples gets a head unit."""
+    used = sorted({int(v) for v in train})
+    if used == list(range(len(used))) or (used and used[0] < 0):
+        names = [str(i) for i in range(max(int(v) for v in train + test) + 1)]
+        return torch.tensor(train, dtype=torch.int64), torch.tensor(test, dtype=torch.int64), names
+    unseen = sorted({int(v) for v in test} - set(used))
+    if unseen:
+        raise DataSourceError(f"test labels {unseen[:10]} do not occur in the train split; the class sets must match")
+    index = {v: i for i, v in enumerate(used)}
+    warnings.warn(f"the integer labels are not 0..K-1 (they are {used[:10]}{'...' if len(used) > 10 else ''}); "
+                  f"they are renumbered 0..{len(used) - 1} in sorted order (class names keep the original labels), "
+                  "and class_order refers to the new ids", UserWarning, stacklevel=4)
+    ids = [torch.tensor([index[int(v)] for v in labels], dtype=torch.int64) for labels in (train, test)]
+    return ids[0], ids[1], [str(v) for v in used]
 
 
 def _assemble(
@@ -440,6 +520,8 @@ def _split_from_tables(tables: Sequence[_Table], image_column: str, label_column
             _pick_column(
                 (table, origin), column, (), "image_column" if column == image_column else "label_column"
             )
+        if table.num_rows == 0:
+            raise DataSourceError(f"{origin} has no rows; remove the empty file or write the data into it")
         split.origins.append((len(split.images), origin))
         split.images.extend(_image_cells(table.column(image_column), origin))
         split.labels.extend(table.column(label_column).to_pylist())

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from clframe.data.sources import guard_std
+
 InputTransform = Callable[[Tensor], Tensor]
 """A deterministic, batch-level map applied to uint8 inputs (a task's permutation or rotation)."""
 
@@ -136,6 +138,7 @@ class TaskStream:
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
             raise ValueError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}")
+        self.std = guard_std(self.std, f"stream {self.name!r}")
 
     def __len__(self) -> int:
         return len(self.tasks)

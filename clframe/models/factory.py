@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import re
@@ -31,6 +32,7 @@ def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]
 
 @register_backbone("mlp")
 def _mlp(input_shape: Sequence[int], **kwargs: Any) -> nn.Module:
+    check_kwargs("backbone 'mlp'", MLP, kwargs, skip=("input_size",))
     return MLP(math.prod(input_shape), **kwargs)
 
 
@@ -66,16 +68,26 @@ def _timm(model_name: str, input_shape: Sequence[int], pretrained: bool = False,
             f"backbone timm:{model_name} has no option {bad.group(1)!r} (in backbone_kwargs){listed}. Options of "
             "another backbone do not carry over: set backbone_kwargs for this one (--model.backbone_kwargs='{}' "
             "for its defaults).") from err
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ConfigError(f"timm has no model {model_name!r} ({err}); timm.list_models() lists the names") from err
+        if not pretrained or checkpoint_path is not None:
+            raise
+        raise _weights_error(model_name, err) from err
     except Exception as err:
         if not pretrained or checkpoint_path is not None:
             raise
-        raise ConfigError(
-            f"backbone timm:{model_name}: its pretrained weights could not be loaded ({type(err).__name__}: "
-            f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}). timm fetches them from the "
-            "Hugging Face hub, which needs network access once (they are cached under ~/.cache/huggingface). "
-            "Offline, download the weights elsewhere (e.g. the model's model.safetensors), copy the file here and "
-            "pass it as backbone_kwargs: {checkpoint_path: /path/to/model.safetensors} (pretrained is then implied), "
-            "or set pretrained: false to train from scratch.") from err
+        raise _weights_error(model_name, err) from err
+
+
+def _weights_error(model_name: str, err: BaseException) -> ConfigError:
+    return ConfigError(
+        f"backbone timm:{model_name}: its pretrained weights could not be loaded ({type(err).__name__}: "
+        f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}). timm fetches them from the "
+        "Hugging Face hub, which needs network access once (they are cached under ~/.cache/huggingface). "
+        "Offline, download the weights elsewhere (e.g. the model's model.safetensors), copy the file here and "
+        "pass it as backbone_kwargs: {checkpoint_path: /path/to/model.safetensors} (pretrained is then implied), "
+        "or set pretrained: false to train from scratch.")
 
 
 def _timm_options(model_name: str, message: str) -> list[str]:
@@ -104,30 +116,36 @@ def create_backbone(name: str, input_shape: Sequence[int], **kwargs: Any) -> nn.
         return _timm(name.split(":", 1)[1], input_shape, **kwargs)
     if name not in _REGISTRY:
         raise ConfigError(f"unknown backbone {name!r}; allowed: {', '.join(backbone_names())}")
-    accepted = registered_options(name)
-    if unknown := [k for k in kwargs if accepted is not None and k not in accepted]:
-        raise ConfigError(
-            f"backbone {name!r} has no option {unknown[0]!r} (in backbone_kwargs){_close(unknown[0], accepted)}; its "
-            f"options: {', '.join(accepted)}. "
-            "Options of another backbone do not carry over: set backbone_kwargs for this one "
-            "(--model.backbone_kwargs='{}' for its defaults).")
+    check_kwargs(f"backbone {name!r}", _REGISTRY[name], kwargs, skip=("input_shape",))
     return _REGISTRY[name](input_shape, **kwargs)
 
 
-def _close(word: str, options: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+WIDTH_OPTIONS = ("hidden_sizes", "channels", "nf")  # layer widths: a zero or negative one fails deep inside torch
 
 
-def registered_options(name: str) -> list[str] | None:
-    """The keyword options a registered backbone accepts (``None``: any, it forwards ``**kwargs``)."""
-    fn = _REGISTRY[name]
-    params = list(inspect.signature(fn).parameters.values())[1:]  # after input_shape
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        if name == "mlp":  # forwards to MLP
-            params = list(inspect.signature(MLP).parameters.values())[1:]  # after input_size
-        else:
-            return None
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+def check_kwargs(owner: str, fn: Callable[..., Any], kwargs: dict[str, Any], skip: Sequence[str] = (),
+                 closed: bool = False, where: str = "backbone_kwargs") -> None:
+    """Refuse keywords ``fn`` does not take, naming ``owner`` and what it accepts (a TypeError would not),
+    and layer widths that are not positive.
+
+    ``skip`` are parameters the caller fills itself (the input shape). A function taking ``**kwargs``
+    is checked where it passes them on, unless ``closed`` (its ``**kwargs`` are filled by the caller).
+    """
+    params = [p for p in inspect.signature(fn).parameters.values() if p.name not in skip and p.name != "self"]
+    if not closed and any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        carry = (" Options of another backbone do not carry over: set backbone_kwargs for this one "
+                 "(--model.backbone_kwargs='{}' for its defaults).") if where == "backbone_kwargs" else ""
+        raise ConfigError(f"{owner} has no option(s) {', '.join(map(repr, unknown))} (in {where}){hint}; "
+                          f"its options: {', '.join(accepted) or 'none'}.{carry}")
+    for name in WIDTH_OPTIONS:
+        value = kwargs.get(name)
+        widths = [value] if isinstance(value, int) else value
+        if value is not None and (not isinstance(widths, (list, tuple))
+                                  or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths)):
+            raise ConfigError(f"{owner}: {name} must be positive layer widths (e.g. [100, 100]), got {value!r}")

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from clframe.errors import ConfigError
+
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
 
 
@@ -20,7 +22,13 @@ class MLP(nn.Module):
                  dropout: float = 0.0, activation: str = "relu") -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if isinstance(hidden_sizes, (int, str)) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
+                                                        for h in hidden_sizes):
+            raise ConfigError(f"MLP hidden_sizes must be a list of positive layer widths (e.g. [100, 100]), got "
+                              f"{hidden_sizes!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"MLP dropout must be in [0, 1), got {dropout!r}")
         layers: list[nn.Module] = [nn.Flatten()]
         width = input_size
         for h in hidden_sizes:
@@ -36,7 +44,7 @@ class MLP(nn.Module):
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.zeros_(m.bias)
         elif init != "default":
-            raise ValueError(f"init must be 'xavier' or 'default', got {init!r}")
+            raise ConfigError(f"init must be 'xavier' or 'default', got {init!r}")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

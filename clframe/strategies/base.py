@@ -67,6 +67,11 @@ class ContinualModule(L.LightningModule):
     train_scope: Literal["current", "seen", "all"] = "current"
     """Which tasks' training data the data module serves (Joint training uses ``"seen"``)."""
 
+    checkpointed_attributes: tuple[str, ...] = ()
+    """Plain attributes (not buffers or parameters) that are training state, such as the best epoch's weights of
+    ``keep_best``: saved in every checkpoint and restored on resume. Their values must be tensors, numbers,
+    ``None``, or lists, tuples and dicts of them, which checkpoints load without running code."""
+
     def __init__(
         self,
         backbone: str | nn.Module = "mlp",
@@ -389,6 +394,15 @@ class ContinualModule(L.LightningModule):
             self.log("task", float(self.current_task), sync_dist=False)  # for checkpoint file names: {task}
 
     # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.checkpointed_attributes:
+            checkpoint["clframe_strategy_attributes"] = {k: getattr(self, k) for k in self.checkpointed_attributes}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, value in checkpoint.get("clframe_strategy_attributes", {}).items():
+            if name in self.checkpointed_attributes:
+                setattr(self, name, value)
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Resize lazily shaped state (replay storage, per-task statistics) before loading."""
         self.materialize_state(state_dict)

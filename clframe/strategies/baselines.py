@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -59,6 +60,8 @@ class EWC(ContinualModule):
         super().__init__(**kwargs)
         if ewc_lambda < 0:
             raise ConfigError(f"ewc_lambda must be non-negative, got {ewc_lambda}")
+        if not 0.0 <= gamma <= 1.0:  # a decay: outside [0, 1] old Fisher terms grow or change sign
+            raise ConfigError(f"EWC gamma (decay of the accumulated Fisher) must be in [0, 1], got {gamma}")
         self.register_buffer("ewc_fisher", torch.empty(0))
         self.register_buffer("ewc_anchor", torch.empty(0))
 
@@ -133,6 +136,10 @@ class LwF(ContinualModule):
     """
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0, **kwargs: Any) -> None:
+        if not math.isfinite(temperature) or temperature <= 0:  # softmax(z / 0) is NaN at the first distillation step
+            raise ConfigError(f"LwF temperature must be a positive number (the paper uses 2), got {temperature}")
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ConfigError(f"LwF alpha (distillation weight) must be non-negative, got {alpha}")
         super().__init__(**kwargs)
         self.teacher: nn.Module | None = None
 

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from clframe.callbacks.base import ContinualCallback
 from clframe.data.stream import Batch, Task, TaskStream
 from clframe.metrics.matrix import backward_transfer
+from clframe.models.factory import check_kwargs
 from clframe.optim import OptimizerArg
 from clframe.strategies.base import ContinualModule
 from clframe.strategies.interval import ibp
@@ -68,8 +69,8 @@ class HyperInterval(ContinualModule):
     ``"train_loss"`` is the reference's nested rule (HINT ``Training/train_nested_classification_scenario.py``):
     every 10 iterations (and at the last), once ``eps(i)`` rounds to ``eps``, the hypernetwork and the
     current embedding are copied after the update if that iteration's batch loss is the lowest so far;
-    the copy is restored at the end of the task. (The copy lives in memory only: a run resumed mid-task
-    starts the selection afresh.) Not offered: the non-nested rule (validation accuracy). The
+    the copy is restored at the end of the task. (The copy is saved in checkpoints, so a run resumed
+    mid-task restores the same copy.) Not offered: the non-nested rule (validation accuracy). The
     class-weighted entropy variant is not offered either (the script's default is unweighted).
 
     Reference details of the nested scenario that the card leaves open (checked against HINT):
@@ -112,6 +113,8 @@ class HyperInterval(ContinualModule):
             with the checkpoint. (Named apart from the data module's ``n_tasks``/``classes_per_task``,
             whose values may legitimately be unset, so Lightning's hparam merge never conflicts.)
     """
+
+    checkpointed_attributes = ("_best",)  # the train_loss copy: a resumed task restores the same one
 
     def __init__(
         self,
@@ -170,6 +173,8 @@ class HyperInterval(ContinualModule):
         h = self.hparams
         if h.n_embeddings is None or h.outputs_per_task is None:
             raise ValueError("HyperInterval built before it sees the stream needs n_embeddings and outputs_per_task")
+        check_kwargs(f"target network {self._backbone_spec!r}", TARGETS[self._backbone_spec], h.backbone_kwargs or {},
+                     skip=("input_shape", "num_outputs"))
         target = TARGETS[self._backbone_spec](input_shape, h.outputs_per_task, **(h.backbone_kwargs or {}))
         hnet = HyperNetwork(target.num_params, h.embedding_dim, h.hnet_hidden, h.chunk_size, h.chunk_emb_dim)
         return target, hnet
@@ -373,8 +378,14 @@ class HyperInterval(ContinualModule):
         self.task_step += 1  # a buffer, so a mid-task checkpoint resumes the eps/kappa ramp where it was
         return loss
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: checkpoint callbacks save before the module's on_train_batch_end,
+        # so a copy taken there would be missing from a checkpoint of the same step.
+        self.select_copy()
+
     @torch.no_grad()
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def select_copy(self) -> None:
         """``model_selection="train_loss"``: after the update of iteration ``i`` (every 10th and the last),
         once ``eps(i)`` rounds to ``eps``, copy the hypernetwork and the current embedding if the batch
         loss of ``i`` is the lowest so far (the reference's nested rule)."""
@@ -535,12 +546,18 @@ class HyperIntervalMetrics(ContinualCallback):
     recorded after every task (BWT as in :func:`clframe.metrics.matrix.backward_transfer`). Names:
     ``worst_case`` (IBP accuracy of each task's weight box), ``universal`` (nested runs),
     ``cil`` and ``task_inference`` (entropy-based task inference), ``given_task`` (class-IL streams).
-    The per-task rows go to ``trainer.continual_results["extra_accuracy"]`` (results, not model state:
-    a run resumed from a checkpoint has rows from the resumed task on, and no ``_bwt`` then).
+    The per-task rows go to ``trainer.continual_results["extra_accuracy"]``; they are saved in checkpoints,
+    so a resumed run reports the same rows and ``_bwt`` as an uninterrupted one.
     """
 
     def __init__(self) -> None:
         self.rows: dict[str, list[list[float]]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = {name: [list(r) for r in rows] for name, rows in state_dict["rows"].items()}
 
     def on_task_evaluated(self, trainer: L.Trainer, pl_module: L.LightningModule, task: Task,
                           accuracies: list[float]) -> None:

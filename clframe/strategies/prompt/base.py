@@ -80,6 +80,9 @@ class PromptModule(ContinualModule):
     query_passes: int = 1
     """Prompt-free forward passes per image for the query (OnePrompt: 0)."""
 
+    checkpointed_attributes = ("_phase", "_vor_outliers", "_vor_per_batch", "_vor_cursor")
+    """VOR's phase and outliers are chosen at an epoch's start; a run resumed inside that epoch restores them."""
+
     def __init__(
         self,
         backbone: str | nn.Module = "vit_base_patch16_224",

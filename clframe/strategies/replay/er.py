@@ -2,22 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
-from clframe.data.stream import Batch
+from clframe.data.stream import Batch, Task, passthrough_collate, without_augmentation
 from clframe.errors import ConfigError
 from clframe.strategies.base import ContinualModule
 from clframe.strategies.replay.buffer import BufferPolicy, ReplayBuffer
 from clframe.strategies.replay.view_batch import ViewBatch, ViewBatchConfig
 
+BufferUpdate = Literal["online", "task_end"]
+
+
+@torch.no_grad()
+def store_task(buffer: ReplayBuffer, task: Task, chunk: int = 1024) -> None:
+    """Offer every training sample of a finished task to ``buffer``, in dataset order.
+
+    What ends up stored follows the buffer's policy: with ``class_balanced`` every class seen so far
+    keeps an equal share, each share a uniform random subset of all that class's samples offered so
+    far. Inputs are stored without per-sample augmentation. The draw uses only the buffer's own
+    generator, which checkpoints carry, so a resumed run stores the same samples. Every DDP rank
+    reads the whole task, so the ranks' buffers stay identical without communication.
+    """
+    loader = DataLoader(without_augmentation(task.train), batch_size=chunk, shuffle=False,
+                        collate_fn=passthrough_collate)
+    for x, y, t in loader:
+        buffer.add(x=x, y=y, t=t)
+
 
 class ReplayModule(ContinualModule):
-    """Base of replay strategies: owns the buffer and fills it after every training step.
+    """Base of replay strategies: owns the buffer and fills it after every training step (unless
+    :meth:`stores_each_step` says otherwise, as ER's ``buffer_update="task_end"`` does).
 
     Under DDP the buffers of all ranks are identical: every step, each rank inserts the batches of
     all ranks (gathered and interleaved back into the order one process with the whole global
@@ -38,12 +60,16 @@ class ReplayModule(ContinualModule):
 
     def __init__(self, buffer_size: int = 500, replay_batch_size: int | None = None,
                  buffer_policy: BufferPolicy = "reservoir", buffer_seed: int = 0,
-                 view_batch: ViewBatchConfig | None = None, **kwargs: Any) -> None:
+                 view_batch: ViewBatchConfig | Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if replay_batch_size is not None and replay_batch_size <= 0:
             raise ConfigError(f"replay_batch_size must be positive, got {replay_batch_size}")
         self.buffer = ReplayBuffer(buffer_size, buffer_policy, seed=buffer_seed)
+        if isinstance(view_batch, Mapping):
+            view_batch = ViewBatchConfig(**view_batch)
         self.view_batch = ViewBatch(view_batch) if view_batch is not None else None
+        if view_batch is not None:  # plain values in the hyperparameters: checkpoints load without code
+            self.hparams["view_batch"] = asdict(view_batch)
 
     def _shard(self) -> tuple[int, int]:
         """``(global rank, world size)``; ``(0, 1)`` outside a trainer."""
@@ -58,6 +84,10 @@ class ReplayModule(ContinualModule):
                  if isinstance(module, ReplayBuffer) for name, _ in module.named_buffers()]
         ignored = set(getattr(self, "_ddp_params_and_buffers_to_ignore", ())) | set(names)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, sorted(ignored))
+
+    def stores_each_step(self) -> bool:
+        """Whether every training batch is offered to the buffer (ER's ``task_end`` mode says no)."""
+        return True
 
     def replay_batch(self, batch_size: int) -> dict[str, Tensor] | None:
         """A batch from the buffer (this rank's share under DDP), or ``None`` while it is empty."""
@@ -94,8 +124,9 @@ class ReplayModule(ContinualModule):
         loss = super().training_step(batch, batch_idx)
         # Inserted here, not in on_train_batch_end: checkpoint callbacks save before the module's
         # batch-end hook, and a resumed run must find this batch in the buffer.
-        x, y, t = batch
-        self.buffer.add(**self.gather_ranks({"x": x, "y": y, "t": t, **self.buffer_extras(batch)}))
+        if self.stores_each_step():
+            x, y, t = batch
+            self.buffer.add(**self.gather_ranks({"x": x, "y": y, "t": t, **self.buffer_extras(batch)}))
         return loss
 
     def _view_batch_step(self, vb: ViewBatch, batch: Batch, batch_idx: int) -> Tensor:
@@ -119,22 +150,44 @@ class ER(ReplayModule):
 
     ``L = CE(f([x; x_b]), [y; y_b])`` over the concatenated new and replayed batch, as in Mammoth.
     With ``new_weight`` set, ``L = w * CE(new) + (1 - w) * CE(replay)`` (``Lw_new`` of the
-    stability-gap paper).
+    stability-gap paper); while the buffer is empty the replay term is absent, so ``L = w * CE(new)``.
+
+    Args:
+        new_weight: ``w`` above; ``None`` concatenates the two batches into one cross-entropy.
+        buffer_update: when the buffer is filled. ``online`` (default) offers every training batch
+            right after its step, so during a task the buffer also holds that task's samples.
+            ``task_end`` offers the finished task's whole training set once the task ends (the
+            stability-gap paper's code), so the replayed term covers earlier tasks only.
+        **kwargs: :class:`ReplayModule` and :class:`ContinualModule` options.
     """
 
-    def __init__(self, new_weight: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, new_weight: float | None = None, buffer_update: BufferUpdate = "online", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if new_weight is not None and not 0.0 <= new_weight <= 1.0:
             raise ConfigError(f"new_weight must be in [0, 1], got {new_weight}")
+        if buffer_update not in ("online", "task_end"):
+            raise ConfigError(f"buffer_update must be 'online' or 'task_end', got {buffer_update!r}")
+        if buffer_update == "task_end" and self.view_batch is not None:
+            raise ConfigError("buffer_update='task_end' cannot be combined with view_batch, which stores the "
+                              "anchors of each training batch; use buffer_update='online'")
+
+    def stores_each_step(self) -> bool:
+        return self.hparams.buffer_update == "online"
+
+    def on_task_end(self, task: Task) -> None:
+        if self.hparams.buffer_update == "task_end":
+            store_task(self.buffer, task)
+        super().on_task_end(task)
 
     def training_loss(self, batch: Batch) -> Tensor:
         x, y, t = batch
         replay = self.replay_batch(len(y))
+        w = self.hparams.new_weight
         if replay is None:
-            return F.cross_entropy(self(x, t), y)
+            loss = F.cross_entropy(self(x, t), y)
+            return loss if w is None else w * loss
         logits = self(torch.cat([x, replay["x"]]), torch.cat([t, replay["t"]]))
         targets = torch.cat([y, replay["y"]])
-        w = self.hparams.new_weight
         if w is None:
             return F.cross_entropy(logits, targets)
         n = len(y)

@@ -65,6 +65,8 @@ class GeRe(ContinualModule):
         replay_seed: seed of the general sampler.
     """
 
+    checkpointed_attributes = ("general_scores",)  # results so far; a resumed run must not re-take the first
+
     def __init__(
         self,
         general: dict[str, Any] | GeneralSet | None = None,

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from clframe.data.stream import Task, TaskStream
+from clframe.errors import ConfigError
+from clframe.models.factory import check_kwargs
 from clframe.strategies.base import ContinualModule
 from clframe.strategies.supermask.layers import (
     MASKED_BACKBONES,
@@ -43,6 +45,8 @@ class SupermaskModule(ContinualModule):
         Other arguments: see :class:`~clframe.strategies.base.ContinualModule`.
     """
 
+    checkpointed_attributes = ("_best",)  # keep_best's snapshot: a resumed task restores the same epoch
+
     def __init__(self, backbone: str = "mlp", density: float = 0.5, n_tasks: int | None = None,
                  keep_best: bool = False, **kwargs: Any) -> None:
         super().__init__(backbone=backbone, **kwargs)
@@ -63,8 +67,10 @@ class SupermaskModule(ContinualModule):
         if n_tasks is None:
             raise ValueError("a supermask strategy built before it sees the stream needs n_tasks (mask slots)")
         if not isinstance(spec, str) or spec not in MASKED_BACKBONES:
-            raise ValueError(f"supermask strategies build their own masked backbone: backbone must be one of "
+            raise ConfigError(f"supermask strategies build their own masked backbone: backbone must be one of "
                              f"{sorted(MASKED_BACKBONES)}, got {spec!r}")
+        check_kwargs(f"masked backbone {spec!r}", MASKED_BACKBONES[spec], self.hparams.backbone_kwargs or {},
+                     skip=("input_shape", "n_tasks"), closed=True)
         backbone = MASKED_BACKBONES[spec](input_shape, n_tasks=n_tasks, **(self.hparams.backbone_kwargs or {}),
                                           **self.layer_kwargs())
         return backbone, self.build_head(backbone.num_features, num_classes)

@@ -136,6 +136,7 @@ class ExSSNeT(SupermaskModule):
             raise ValueError(f"weight_epochs ({self.hparams.weight_epochs}) must leave at least one mask epoch of the "
                              f"{epochs} epochs per task")
         super().on_train_start()
+        self.on_train_epoch_start()  # a run resumed inside an epoch gets no epoch start: take its phase here
 
     def on_train_epoch_start(self) -> None:
         """Switch to the weight phase for the last ``weight_epochs`` epochs of the task."""
