@@ -123,7 +123,7 @@ def main() -> None:
             continue
         cells = []
         for key in SHOWN:
-            vals = [100 * r["metrics"][key] for r in rs if key in r["metrics"]]
+            vals = [100 * r["metrics"][key] for r in rs if r["metrics"].get(key) is not None]
             cells.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.1f}"
                          if vals else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(r['seconds'] for r in rs):.0f} |")

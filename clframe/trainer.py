@@ -46,7 +46,7 @@ from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
 from clframe.loggers import log_stream_to_wandb
 from clframe.loops import ExactResumeFitLoop
-from clframe.metrics.matrix import summarize_matrix
+from clframe.metrics.matrix import summarize_matrix, unavailable_metrics
 from clframe.metrics.summary import format_results
 from clframe.metrics.task_accuracy import per_class_accuracy
 from clframe.reporting import announce_log_folder, log_folder
@@ -422,7 +422,8 @@ class ContinualTrainer(L.Trainer):
 
     def _finish(self, model: ContinualModule, datamodule: ContinualDataModule) -> None:
         rows = [r for r in self.progress.rows if r]
-        metrics = summarize_matrix(rows, self.progress.initial) if rows else {}
+        unseen_masked = datamodule.stream.scenario == "class" and bool(model.hparams.get("mask_unseen_classes", True))
+        metrics = summarize_matrix(rows, self.progress.initial, unseen_masked) if rows else {}
         val_rows = [r for r in self.progress.val_rows if r]
         if val_rows:  # select hyperparameters on these, never on the test matrix
             metrics.update({k.replace("final/", "final/val_", 1): v for k, v in summarize_matrix(val_rows).items()})
@@ -433,6 +434,8 @@ class ContinualTrainer(L.Trainer):
                                   "task_il_accuracy_matrix": til_rows,
                                   "initial_accuracy": self.progress.initial,
                                   "metrics": metrics, "seed": _global_seed(), "data_seed": datamodule.stream.seed,
+                                  "metrics_not_available": unavailable_metrics(self.progress.initial, unseen_masked)
+                                  if rows else {},
                                   "stream": {"name": datamodule.stream.name, "scenario": datamodule.stream.scenario,
                                              "tasks": len(datamodule.stream), "signature": datamodule.stream.signature()}}
         for cb in self.callbacks:
@@ -462,6 +465,8 @@ class ContinualTrainer(L.Trainer):
         clean = {**self.continual_results,
                  **{name: [[None if a != a else a for a in r] for r in self.continual_results.get(name) or []]
                     for name in MATRICES}}
+        missing = self.continual_results.get("metrics_not_available") or {}
+        clean["metrics"] = {**self.continual_results["metrics"], **dict.fromkeys(missing)}  # null, reason beside
         tmp.write_text(json.dumps(clean, indent=2))
         os.replace(tmp, out / "results.json")
 

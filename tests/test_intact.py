@@ -68,8 +68,9 @@ def test_boxes_are_percentiles_merged_by_union():
 
 
 def _data(n_tasks: int = 3, scenario: str = "domain") -> ContinualDataModule:
+    shift = {"tasks": "permutation"} if scenario == "domain" else {}  # domain: permuted digits, one head
     return ContinualDataModule(source="digits", scenario=scenario, n_tasks=n_tasks, batch_size=32,
-                               train_samples_per_class=30, test_samples_per_class=10)
+                               train_samples_per_class=30, test_samples_per_class=10, **shift)
 
 
 def _fit(model, data, tmp_path, **trainer):
@@ -106,7 +107,7 @@ def test_terms_at_the_first_step_of_a_task_and_boxes_after_each_task(tmp_path):
 
 def test_a_domain_incremental_run_and_its_checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = Finetune(**MLP, optimizer="adam", lr=1e-3, intact=InTActConfig())  # the card's optimiser
+    model = Finetune(**MLP, optimizer="adam", lr=1e-3, intact=InTActConfig())  # the reference's optimiser
     trainer = _fit(model, _data(), tmp_path, epochs_per_task=2)
     assert all(v > 0 for v in (model.intact.last_terms["int"], model.intact.last_terms["feat"]))
     assert len(trainer.accuracy_matrix) == 3
@@ -126,7 +127,9 @@ def test_intact_rides_on_other_strategies(strategy, tmp_path):
     extra = {"buffer_size": 40} if strategy is ER else {"ewc_lambda": 10.0}
     model = strategy(**MLP, lr=0.05, intact={"lambda_var": 0.1, "layers": "hidden"}, **extra)
     trainer = _fit(model, _data(2, scenario="class"), tmp_path)
-    assert model.intact.layer_names == ["backbone.net.3"] and model.intact.active
+    # class-IL: the head's input is observed (Var, Align) but IntDrift leaves the head's weights alone
+    assert model.intact.layer_names == ["backbone.net.3", "head"] and model.intact.drift == [True, False]
+    assert model.intact.active
     assert all(0.0 <= a <= 1.0 for a in trainer.accuracy_matrix[-1])
 
 
@@ -141,6 +144,45 @@ def test_intact_from_the_cli(tmp_path):
 def test_bad_intact_settings_are_refused():
     with pytest.raises(ValueError, match="lower_percentile"):
         InTActConfig(lower_percentile=50, upper_percentile=40)
-    model = Finetune(backbone="mlp", backbone_kwargs={"hidden_sizes": [16]}, intact=InTActConfig(layers="hidden"))
+    model = Finetune(backbone="mlp", backbone_kwargs={"hidden_sizes": [16]},
+                     intact=InTActConfig(layers="hidden", observe_head_input=False))
     with pytest.raises(ValueError, match="no linear layer to protect"):
         model.bind_stream(_data(2, scenario="class").stream)
+
+
+def test_class_incremental_var_and_align_include_the_head_input():
+    """The reference applies Var and Align at every interval layer, the one in front of the head included;
+    only IntDrift on the head is limited to domain-incremental streams."""
+    torch.manual_seed(0)
+    data = _data(2, scenario="class")
+    x, y, t = data.stream.tasks[0].train.__getitems__(list(range(32)))
+    variances = {}
+    for observe in (False, True):
+        torch.manual_seed(0)
+        model = Finetune(**MLP, intact=InTActConfig(observe_head_input=observe))
+        model.bind_stream(data.stream)
+        reg = model.intact
+        reg.begin_step()
+        model.training_loss((x, y, t))
+        reg.penalty(model)
+        with torch.no_grad():
+            hidden = model.backbone.net[:3](model.preprocess(x).flatten(1))  # input of backbone.net.3
+            head_in = model.features(x)
+        per_layer = [a.var(dim=0, unbiased=False).mean() for a in (hidden, head_in)]
+        expected = per_layer[0] + (per_layer[1] if observe else 0)
+        assert torch.isclose(reg.last_terms["var"], expected, rtol=1e-5)
+        variances[observe] = float(reg.last_terms["var"])
+    assert variances[True] > variances[False]
+    # IntDrift: moving the head's weights costs nothing in class-IL, Align sees the head input's box
+    model.intact.intervals[0].lower.fill_(-1e6)  # the hidden box covers everything: no Align from it
+    model.intact.intervals[0].upper.fill_(1e6)
+    model.intact.intervals[1].lower.fill_(10.0)
+    model.intact.intervals[1].upper.fill_(11.0)
+    for ia in model.intact.intervals:
+        ia.has_box.fill_(True)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    model.intact.begin_step()
+    model.training_loss((x, y, t))
+    model.intact.penalty(model)
+    assert model.intact.last_terms["int"] == 0 and model.intact.last_terms["align"] > 0

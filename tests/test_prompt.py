@@ -1,4 +1,4 @@
-"""Prompt methods on a frozen ViT (L2P, DualPrompt, CODA-Prompt, OnePrompt, OVOR): mechanics exactly (card §8),
+"""Prompt methods on a frozen ViT (L2P, DualPrompt, CODA-Prompt, OnePrompt, OVOR): mechanics exactly,
 and every strategy end to end for two tasks through ContinualTrainer on a tiny random ViT and 8x8 digits.
 
 The ViT is timm's ``vit_tiny_patch16_224`` shrunk through create_model arguments (16 px, patch 4, 3 blocks,
@@ -216,6 +216,34 @@ def test_dualprompt_trains_the_true_e_prompt_and_tests_by_key_match():
     assert (model.task_selection(x) == 0).all()
 
 
+def test_dualprompt_new_e_prompt_starts_as_a_copy_of_the_previous_one():
+    """The official shared_prompt_pool: slot t starts as the trained slot t-1; keys are not copied."""
+    model, stream = bound(DualPrompt, n_tasks=5, task=0)
+    assert float(model.e_prompts.max()) <= 0.01 and float(model.g_prompts.max()) <= 0.01  # U(0, 0.01)
+    with torch.no_grad():
+        model.e_prompts[0].add_(1.0)  # "trained" E-prompt 0
+    keys = model.e_keys.detach().clone()
+    model.on_task_start(stream.tasks[1])
+    assert torch.equal(model.e_prompts[1], model.e_prompts[0]) and torch.equal(model.e_keys, keys)
+    untouched = model.e_prompts[2].detach().clone()
+    off, stream = bound(DualPrompt, n_tasks=5, task=1, copy_previous_e_prompt=False)
+    assert not torch.equal(off.e_prompts[1], off.e_prompts[0])
+    assert torch.equal(model.e_prompts[2], untouched)  # later slots wait for their own task
+
+
+def test_dualprompt_key_match_over_the_pool_or_the_seen_tasks():
+    model, stream = bound(DualPrompt, n_tasks=5, task=1)
+    x, _, _ = batch_of(stream, 1)
+    q = model.backbone.query(model.preprocess(x))
+    with torch.no_grad():
+        model.e_keys.copy_(-q.mean(0).expand_as(model.e_keys))
+        model.e_keys[4] = q.mean(0)  # an untrained slot matches best
+        model.e_keys[1] = 0.5 * q.mean(0) - 0.5 * q.mean(0).flip(0)
+    assert (model.task_selection(x) == 4).all()  # official: every slot of the pool
+    model.hparams.key_match = "seen"
+    assert (model.task_selection(x) <= 1).all()
+
+
 # ---------------------------------------------------------------------------------------------- CODA-Prompt
 
 
@@ -310,7 +338,7 @@ def test_parameter_counts_and_inference_cost():
         assert model.forward_passes_per_image == (1 if cls is OnePrompt else 2)
     model, _ = bound(OnePrompt)
     assert model.parameter_report()["prompt"] == (1 * 4 + 2 * 8) * 32
-    # the card's ViT-B figure: G 10 x 768 at 2 blocks, E 40 x 768 at 3 blocks
+    # the ViT-B figure: G 10 x 768 at 2 blocks, E 40 x 768 at 3 blocks
     assert (2 * 10 + 3 * 40) * 768 == 107_520
 
 

@@ -92,9 +92,20 @@ def learning_accuracy(matrix: Matrix) -> float:
     return float(np.mean([r[k, k] for k in range(r.shape[0])]))
 
 
-def summarize_matrix(matrix: Matrix, initial: Sequence[float] | None = None) -> dict[str, float]:
+FWT_MASKED_REASON = ("undefined in a class-incremental stream with unseen classes masked: a task's classes "
+                     "cannot be predicted before it starts, so R[j-1][j] and b_j are 0 by construction")
+
+
+def unavailable_metrics(initial: Sequence[float] | None, unseen_masked: bool) -> dict[str, str]:
+    """Metrics that this run cannot define, with the reason (reported as such, never as a number)."""
+    return {"final/fwt": FWT_MASKED_REASON} if initial is not None and unseen_masked else {}
+
+
+def summarize_matrix(matrix: Matrix, initial: Sequence[float] | None = None,
+                     unseen_masked: bool = False) -> dict[str, float]:
     """The end-of-stream metrics under their logged names (FWT only when ``initial`` and the
-    above-diagonal entries it needs are known)."""
+    above-diagonal entries it needs are known, and not when ``unseen_masked``: see
+    :func:`unavailable_metrics`)."""
     out = {
         "final/avg_acc": average_accuracy(matrix),
         "final/avg_incremental_acc": average_incremental_accuracy(matrix),
@@ -104,7 +115,7 @@ def summarize_matrix(matrix: Matrix, initial: Sequence[float] | None = None) -> 
         "final/bwt": backward_transfer(matrix),
         "final/learning_acc": learning_accuracy(matrix),
     }
-    if initial is not None:
+    if initial is not None and not unseen_masked:
         fwt = forward_transfer(matrix, initial)
         if fwt == fwt:
             out["final/fwt"] = fwt

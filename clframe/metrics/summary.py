@@ -83,4 +83,10 @@ def format_results(results: Mapping[str, Any], strategy: str | None = None) -> s
     if rows:
         lines += matrix_table(rows) + [""]
     lines += metrics_table(results.get("metrics") or {})
+    lines += unavailable_lines(results.get("metrics_not_available") or {})
     return "\n".join(lines)
+
+
+def unavailable_lines(reasons: Mapping[str, str]) -> list[str]:
+    """One line per metric the run cannot define: ``n/a`` and why (instead of a made-up number)."""
+    return [f"{label(k)}: n/a ({k}), {why}" for k, why in reasons.items()]

@@ -21,12 +21,13 @@ The "interval layer" of the paper is a pass-through, so here it is an observer: 
 on each protected ``nn.Linear`` records its input; the network is not rebuilt and any strategy
 carries InTAct by ``intact=InTActConfig(...)`` (``--model.intact='{lambda_var: 0.01}'``).
 Protected layers: every trainable backbone ``nn.Linear`` but the first (the input layer is guarded by
-Feat, as in the card), plus the head in domain-incremental streams (where the head is shared; card
-§2.4) or when asked. Feat compares against a frozen copy of the *backbone*; strategies whose features
+Feat), plus the head in domain-incremental streams (where the head is shared) or when asked. In
+class- and task-incremental streams the head's weights are not protected (past classes are masked
+instead), but its input is still observed: Var and Align cover it, as in the reference code. Feat compares against a frozen copy of the *backbone*; strategies whose features
 are not ``backbone(x)`` (prompt methods: prompts live outside the backbone) should set
 ``lambda_feat=0`` until their old-prompt feature path is wired in. The MLP version of the paper uses leaky-ReLU: ``backbone_kwargs: {activation: leaky_relu}``.
 
-Choices against the reference code (card §3): boxes from training data, not the test split; the
+Choices against the reference code: boxes from training data, not the test split; the
 loss is ``CE + regs`` (the reference's PromptInTAct counts CE twice); each term at its stated scope.
 """
 
@@ -49,15 +50,18 @@ if TYPE_CHECKING:
 
 @dataclass
 class InTActConfig:
-    """InTAct's weights and switches (defaults: the card's MLP-version constructor values).
+    """InTAct's weights and switches (defaults: the reference MLP plugin's constructor values).
 
     Attributes:
         lambda_var, lambda_int, lambda_feat: weights of the Var, IntDrift and Feat terms.
         align: add the Align term (weight 1).
         lower_percentile, upper_percentile: the per-neuron box from the finished task's activations.
-        layers: which linear layers' inputs are protected: ``hidden`` (backbone linears after the
+        layers: which linear layers IntDrift protects: ``hidden`` (backbone linears after the
             first), ``head``, ``all`` (both); ``None``: ``hidden``, plus ``head`` in domain-incremental
             streams.
+        observe_head_input: when IntDrift leaves the head out, still take its input into Var and Align
+            (and into Feat when it is the only observed layer), as the reference does for the interval
+            layer in front of the classifier; ``False`` gives clframe's behaviour before this was fixed.
         box_batch_size: batch size of the task-end pass that records the boxes.
     """
 
@@ -68,6 +72,7 @@ class InTActConfig:
     lower_percentile: float = 5.0
     upper_percentile: float = 95.0
     layers: Literal["hidden", "head", "all"] | None = None
+    observe_head_input: bool = True
     box_batch_size: int = 512
 
     def __post_init__(self) -> None:
@@ -140,6 +145,7 @@ class InTAct(nn.Module):
         self.config = config
         self.intervals = nn.ModuleList()
         self.layer_names: list[str] = []
+        self.drift: list[bool] = []  # per observed layer: whether IntDrift protects its weights
         self.old_network: nn.Module | None = None
         self._inputs: list[Tensor] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -155,15 +161,20 @@ class InTAct(nn.Module):
             linears = [f"backbone.{n}" for n, m in module.backbone.named_modules()
                        if isinstance(m, nn.Linear) and m.weight.requires_grad]
             names += linears[1:]
+        drift = [True] * len(names)
         if layers in ("head", "all"):
             if not isinstance(module.head, nn.Linear):
                 raise ConfigError("InTAct protects the head only when it is one nn.Linear")
             names.append("head")
+            drift.append(True)
+        elif cfg.observe_head_input and isinstance(module.head, nn.Linear):
+            names.append("head")  # the head's input enters Var, Align (and Feat when first), not IntDrift
+            drift.append(False)
         if not names:
             raise ConfigError(
                 "InTAct found no linear layer to protect: the backbone has fewer than two nn.Linear layers. "
                 "Use intact.layers='head' (or 'all') to protect the classifier, or an MLP backbone.")
-        self.layer_names = names
+        self.layer_names, self.drift = names, drift
         if cfg.lambda_feat > 0:  # copied before the observers are hooked in: the copy must not report to them
             self.old_network = copy.deepcopy(module.backbone).requires_grad_(False)
         for i, name in enumerate(names):
@@ -228,7 +239,7 @@ class InTAct(nn.Module):
             module.train(was_training)
 
     def box_widths(self) -> list[float]:
-        """Mean box width per protected layer (the card asks to watch it: wide boxes mean stiff training)."""
+        """Mean box width per protected layer (worth watching: wide boxes mean stiff training)."""
         return [float((ia.upper - ia.lower).mean()) for ia in self.intervals]
 
     # ------------------------------------------------------------------ the loss
@@ -244,11 +255,12 @@ class InTAct(nn.Module):
         terms["var"] = sum((a.var(dim=0, unbiased=False).mean() for a in acts if a is not None and len(a) > 1), zero)
         if self.active:
             for i, (name, ia) in enumerate(zip(self.layer_names, self.intervals, strict=True)):
-                linear = module.get_submodule(name)
-                db = (linear.bias - getattr(self, f"old_bias_{i}")) if linear.bias is not None else 0.0
-                lo, hi = interval_output_change(linear.weight - getattr(self, f"old_weight_{i}"), db,
-                                                ia.lower, ia.upper)
-                terms["int"] = terms["int"] + lo.pow(2).mean() + hi.pow(2).mean()
+                if self.drift[i]:
+                    linear = module.get_submodule(name)
+                    db = (linear.bias - getattr(self, f"old_bias_{i}")) if linear.bias is not None else 0.0
+                    lo, hi = interval_output_change(linear.weight - getattr(self, f"old_weight_{i}"), db,
+                                                    ia.lower, ia.upper)
+                    terms["int"] = terms["int"] + lo.pow(2).mean() + hi.pow(2).mean()
                 if cfg.align and acts[i] is not None:
                     terms["align"] = terms["align"] + self._align(acts[i], ia)
             if cfg.lambda_feat > 0 and inputs:

@@ -1,21 +1,27 @@
-"""DualPrompt (Wang et al., ECCV 2022), card §3.
+"""DualPrompt (Wang et al., ECCV 2022).
 
 A **G-prompt** shared by all tasks at shallow blocks and one **E-prompt** per task (with a key) at the
 next blocks, both by prefix tuning (keys and values prepended inside attention; concatenated where both
-apply). Training uses the true task's E-prompt; test picks ``t̂ = argmax_t cos(q, k_t)`` over the tasks
-trained so far. The classifier reads the final [CLS]. Loss: ``CE_masked + λ · mean_b (1 − cos(q, k_t))``.
+apply). Training uses the true task's E-prompt; test picks ``t̂ = argmax_t cos(q, k_t)`` over every slot
+of the E-pool (the official code; ``key_match="seen"`` restricts it to the tasks trained so far). The
+classifier reads the final [CLS]. Loss: ``CE_masked + λ · mean_b (1 − cos(q, k_t))``.
+
+As in the official code (``shared_prompt_pool``), each task's E-prompt starts as a copy of the previous
+task's trained E-prompt (keys are not copied), and prompts and keys start ``U(0, 0.01)`` (Flax's
+``uniform()``); the official configs also clip gradients at norm 1 (``--trainer.gradient_clip_val=1.0``).
 
 Prompt lengths count keys + values (the CODA/OVOR convention: length 10 = 5 keys + 5 values), so the
 official CIFAR-100 config (G length 5, E length 5 per keys/values) is ``g_length=10, e_length=10``; the
 CODA-P port is ``6, 20`` and the OVOR port ``10, 40``. Defaults: the official CIFAR-100 config (G at
-blocks [0, 1], E at [2, 3, 4], λ = 1, Adam lr 0.03 constant). The prompt-selection (task-id) accuracy
+blocks [0, 1], E at [2, 3, 4], λ = 1, Adam lr 0.03 constant, E-prompt carry-over, init U(0, 0.01),
+matching over the whole pool). The prompt-selection (task-id) accuracy
 is logged at every evaluation (``eval/task_id_acc``), the main error source in class-incremental
 learning. Inference: 2 ViT passes per image.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +54,11 @@ class DualPrompt(PromptModule):
         g_length, e_length: prompt lengths, keys + values (even).
         e_pool_size: number of E-prompts; by default the number of tasks of the stream.
         pull_weight: ``λ`` of the key pull term, averaged over the batch.
-        init_scale: prompts and keys start ``U(0, init_scale)`` (the PyTorch ports' 1.0).
+        init_scale: prompts and keys start ``U(0, init_scale)``: the official 0.01 (the PyTorch ports use 1.0).
+        copy_previous_e_prompt: at each task start after the first, copy E-prompt ``t-1`` into slot ``t`` (the
+            official ``shared_prompt_pool``); ``False`` starts every E-prompt from its initial values.
+        key_match: at test, match the query against ``all`` slots of the E-pool (official) or only the
+            ``seen`` tasks' keys (the final accuracy is the same; earlier rows of the matrix can differ).
         batchwise_prompt: at test, every sample of a batch uses the batch's majority E-prompt (the official
             CIFAR-100 config's voting, for parity; it leaks task identity, off by default).
         **kwargs: :class:`~clframe.strategies.prompt.base.PromptModule` arguments.
@@ -59,7 +69,8 @@ class DualPrompt(PromptModule):
     e_keys: nn.Parameter
 
     def __init__(self, g_layers: list[int] | None = None, e_layers: list[int] | None = None, g_length: int = 10,
-                 e_length: int = 10, e_pool_size: int | None = None, pull_weight: float = 1.0, init_scale: float = 1.0,
+                 e_length: int = 10, e_pool_size: int | None = None, pull_weight: float = 1.0, init_scale: float = 0.01,
+                 copy_previous_e_prompt: bool = True, key_match: Literal["all", "seen"] = "all",
                  batchwise_prompt: bool = False, lr: float = 0.03, **kwargs: Any) -> None:
         g_layers = [0, 1] if g_layers is None else g_layers
         e_layers = [2, 3, 4] if e_layers is None else e_layers
@@ -68,6 +79,8 @@ class DualPrompt(PromptModule):
                               f"e_length={e_length}")
         if not e_layers:
             raise ConfigError("DualPrompt needs at least one E-prompt layer (e_layers)")
+        if key_match not in ("all", "seen"):
+            raise ConfigError(f"key_match must be 'all' or 'seen', got {key_match!r}")
         self._stream_tasks: int | None = None
         super().__init__(lr=lr, **kwargs)
         self.hparams.update(g_layers=list(g_layers), e_layers=list(e_layers))
@@ -91,13 +104,20 @@ class DualPrompt(PromptModule):
         self.e_prompts = uniform_parameter(pool, len(h.e_layers), h.e_length, dim, scale=scale)
         self.e_keys = uniform_parameter(pool, dim, scale=scale)
 
+    def on_task_start(self, task) -> None:
+        """The official carry-over: the new task's E-prompt starts where the previous task's ended."""
+        super().on_task_start(task)
+        if self.hparams.copy_previous_e_prompt and task.id > 0:
+            with torch.no_grad():
+                self.e_prompts[task.id].copy_(self.e_prompts[task.id - 1])
+
     def select_task(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        """``t̂ = argmax_t cos(q, k_t)`` over the tasks trained so far, and the similarities."""
+        """``t̂ = argmax_t cos(q, k_t)`` over the pool (or the tasks trained so far), and the similarities."""
         sim = cosine_matrix(q, self.e_keys)
-        seen = int(self.current_task) + 1
-        pred = sim[:, :seen].detach().argmax(1)
+        slots = len(self.e_keys) if self.hparams.key_match == "all" else int(self.current_task) + 1
+        pred = sim[:, :slots].detach().argmax(1)
         if self.hparams.batchwise_prompt:
-            pred = batch_vote(pred.unsqueeze(1), seen, 1)[:, 0]
+            pred = batch_vote(pred.unsqueeze(1), slots, 1)[:, 0]
         return pred, sim
 
     def encode(self, x: Tensor, task_ids: Tensor | None = None, train: bool = False) -> PromptOutput:

@@ -6,7 +6,7 @@ mask *stored* for a finished task, or a *superposition* ``Σ_i α_i M_i`` of sto
 task inference). Stored masks are registered buffers (1 bit per weight per task), so they travel
 in ``state_dict`` and checkpoints.
 
-Conventions (method card, ``supermasks.md`` §1):
+Conventions:
 - ``density`` is the fraction of weights **kept**, per layer: ``⌊density · numel⌋`` entries of
   ``|S|`` (one exact-count rule for SupSup, WSN and ExSSNeT; WSN's percentile rule keeps one entry
   more at most).
@@ -50,6 +50,17 @@ def topk_mask(scores: Tensor, density: float) -> Tensor:
     else:
         mask[flat.topk(k, sorted=False).indices] = True
     return mask.view_as(scores)
+
+
+def er_density(weight_shape: Sequence[int], epsilon: float, cap: float = 0.5) -> float:
+    """Erdős–Rényi layer-wise density: ``min(cap, epsilon * (fan_out + fan_in) / numel)``.
+
+    ``fan_out``/``fan_in`` are the first two weight dimensions (channels for a convolution) and ``numel``
+    counts the kernel too, so wide layers keep a smaller fraction than narrow ones; ``epsilon`` sets the
+    overall budget (SupSup's ``--er-sparsity`` with ``--sparsity epsilon``, capped at one half there).
+    """
+    numel = math.prod(weight_shape)
+    return min(cap, epsilon * (weight_shape[0] + weight_shape[1]) / numel)
 
 
 class _TopK(torch.autograd.Function):

@@ -5,8 +5,8 @@ supermask (its scores), so nothing shared changes and nothing is forgotten. When
 given, all stored masks are superimposed with coefficients ``α_i = 1/k`` and one gradient of the
 output entropy with respect to ``α`` picks the mask (``t̂ = argmin_i ∂H/∂α_i``).
 
-clframe choices (method card §5): the argmin runs over learned tasks only (``α`` has one entry per
-stored mask, so an unlearned slot can never be picked); the default infers once per test batch from
+clframe choices (see docs/methods/supermasks.md): the argmin runs over learned tasks only (``α`` has
+one entry per stored mask, so an unlearned slot can never be picked); the default infers once per test batch from
 its first ``inference_samples`` images, as the reference code does, and ``inference_scope="sample"``
 infers every sample on its own (for mixed batches). The exhaustive per-mask entropy baseline is kept
 (``task_inference="exhaustive"``). Scores are re-initialised at every task start (no score
@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from clframe.data.stream import Batch, Task
+from clframe.errors import ConfigError
 from clframe.optim import OptimizerArg
 from clframe.strategies.supermask.base import SupermaskModule
-from clframe.strategies.supermask.layers import MaskedLinear, MaskRule, MaskSource
+from clframe.strategies.supermask.layers import MaskedLinear, MaskRule, MaskSource, er_density
 
 
 class SupSup(SupermaskModule):
@@ -32,6 +33,9 @@ class SupSup(SupermaskModule):
 
     Args:
         density: fraction of weights kept by ``mask_rule="topk"`` (SupSup's ``--sparsity``, GG).
+        er_sparsity: Erdős–Rényi layer-wise densities instead of one ``density``: each masked layer keeps
+            ``min(0.5, er_sparsity * (fan_out + fan_in) / numel)`` of its weights (the official GG
+            SplitCIFAR-100 configs, ``--er-sparsity`` with ``--sparsity`` 1..32). Needs ``mask_rule="topk"``.
         mask_rule: ``"topk"`` (GG scripts) or ``"threshold"`` (``S ≥ 0``; the GN MNIST scripts).
         head_outputs: total output units (the reference's ``--output-size``); the first ``num_classes``
             are real, the rest superfluous. Cross-entropy pushes superfluous units down on every
@@ -51,7 +55,8 @@ class SupSup(SupermaskModule):
             task-inference accuracy are logged as ``test/given_task_acc`` and ``test/task_inference_acc``.
     """
 
-    def __init__(self, density: float = 0.5, mask_rule: MaskRule = "topk", head_outputs: int | None = None,
+    def __init__(self, density: float = 0.5, mask_rule: MaskRule = "topk", er_sparsity: float | None = None,
+                 head_outputs: int | None = None,
                  task_inference: Literal["oneshot", "binary", "exhaustive"] = "oneshot",
                  inference_objective: Literal["entropy", "g"] = "entropy",
                  inference_scope: Literal["batch", "sample"] = "batch", inference_samples: int = 1,
@@ -59,6 +64,9 @@ class SupSup(SupermaskModule):
                  optimizer: OptimizerArg = "adam", lr: float = 1e-3,
                  **kwargs: Any) -> None:
         super().__init__(density=density, optimizer=optimizer, lr=lr, **kwargs)
+        if er_sparsity is not None and (er_sparsity <= 0 or mask_rule != "topk"):
+            raise ConfigError(f"er_sparsity must be positive and needs mask_rule='topk', got er_sparsity={er_sparsity}, "
+                              f"mask_rule={mask_rule!r}")
         if inference_samples < 1 or log_base < 2:
             raise ValueError(f"inference_samples must be ≥ 1 and log_base ≥ 2, got {inference_samples}, {log_base}")
         if task_inference == "exhaustive" and inference_objective == "g":
@@ -78,6 +86,12 @@ class SupSup(SupermaskModule):
         if outputs < num_classes:
             raise ValueError(f"head_outputs ({outputs}) must be at least the number of classes ({num_classes})")
         return MaskedLinear(num_features, outputs, n_tasks=self.hparams.n_tasks, **self.layer_kwargs())
+
+    def _build(self, num_classes: int, input_shape: tuple[int, ...], scenario: str) -> None:
+        super()._build(num_classes, input_shape, scenario)
+        if self.hparams.er_sparsity is not None:  # derived from the shapes: a checkpoint rebuilds the same
+            for layer in self.masked_layers():
+                layer.density = er_density(layer.weight.shape, self.hparams.er_sparsity)
 
     def on_task_start(self, task: Task) -> None:
         """Fresh scores for the new task (the finished tasks keep their stored masks)."""
@@ -182,7 +196,8 @@ class SupSup(SupermaskModule):
         rates = counts[:3, seen] / counts[3, seen]
         self.task_inference_accuracy, self.given_task_accuracy = rates[0].tolist(), rates[1].tolist()
         # Shared labels (domain streams: every task uses the same real outputs): the class predicted with
-        # the inferred mask, right or wrong task, as the reference scores GNu RotatingMNIST.
+        # the inferred mask, right or wrong task. Not the reference's GNu score: its scripts set
+        # unshared_labels, so a wrongly inferred task counts as wrong, as in the accuracy matrix.
         self.inferred_mask_accuracy = rates[2].tolist()
         self.log_dict({"test/task_inference_acc": float(rates[0].mean()), "test/given_task_acc": float(rates[1].mean()),
                        "test/inferred_mask_acc": float(rates[2].mean())}, sync_dist=False)
