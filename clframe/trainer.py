@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from clframe.callbacks.base import ContinualCallback
 from clframe.callbacks.progress import default_task_progress_bar
+from clframe.callbacks.run_folder import RunFolder, run_log_dir
 from clframe.checkpoints import (
     check_same_run,
     checkpoint_kwargs,
@@ -39,6 +40,7 @@ from clframe.checkpoints import (
     newest_of_this_run,
     run_identity,
 )
+from clframe.console import QuietRepeats, install_filters
 from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
@@ -47,6 +49,7 @@ from clframe.loops import ExactResumeFitLoop
 from clframe.metrics.matrix import summarize_matrix, unavailable_metrics
 from clframe.metrics.summary import format_results
 from clframe.metrics.task_accuracy import per_class_accuracy
+from clframe.reporting import announce_log_folder, log_folder
 from clframe.strategies.base import ContinualModule
 
 
@@ -111,6 +114,7 @@ class _TaskBudgetFilter(logging.Filter):
 
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
     logging.getLogger(_name).addFilter(_TaskBudgetFilter())
+install_filters()  # Lightning's tips and repeated warnings (clframe/console.py)
 
 
 MATRICES = ("accuracy_matrix", "val_accuracy_matrix", "task_il_accuracy_matrix")
@@ -240,7 +244,7 @@ class ContinualTrainer(L.Trainer):
             kwargs["logger"] = CSVLogger(kwargs.get("default_root_dir") or os.getcwd(), name="lightning_logs")
         self.progress = StreamProgress()
         callbacks = kwargs.get("callbacks") or []
-        callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.progress]
+        callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.progress, RunFolder(), QuietRepeats()]
         if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(default_task_progress_bar())  # Lightning's bar, showing "Task k/N · epoch e/E"
         kwargs["callbacks"] = callbacks
@@ -279,6 +283,7 @@ class ContinualTrainer(L.Trainer):
         if ckpt_path is not None:
             ckpt_path = self.resolve_checkpoint(ckpt_path)
         start = self._resume_point(ckpt_path) if ckpt_path is not None else 0
+        announce_log_folder(log_folder(self), "start")  # after _resume_point: a resumed run's own folder
         if ckpt_path is None:
             self.progress.rows, self.progress.val_rows, self.progress.til_rows = [], [], []
             self.progress.initial = None
@@ -402,12 +407,18 @@ class ContinualTrainer(L.Trainer):
             raise ConfigError(f"{path} holds no clframe stream progress; it was not written by a ContinualTrainer run")
         check_same_run(path, ckpt, self._identity, self.allow_changed)
         self.progress.load_state_dict(state)
+        RunFolder.resume(self, ckpt.get("callbacks", {}).get(RunFolder.state_key))  # log on in the same folder
         return self.progress.task_id
 
     # ------------------------------------------------------------------ results
     @property
     def accuracy_matrix(self) -> list[list[float]]:
         return self.progress.rows
+
+    @property
+    def log_dir(self) -> str | None:
+        """Lightning's log folder, and one per run for loggers without versioned folders (wandb)."""
+        return run_log_dir(self, super().log_dir)
 
     def _finish(self, model: ContinualModule, datamodule: ContinualDataModule) -> None:
         rows = [r for r in self.progress.rows if r]
@@ -437,6 +448,7 @@ class ContinualTrainer(L.Trainer):
         log_stream_to_wandb(self)  # summary, accuracy-matrix table, CLI config; a no-op without a WandbLogger
         self._write_results(Path(self.log_dir or self.default_root_dir))  # log_dir is a collective: every rank asks
         self._print_results()
+        announce_log_folder(log_folder(self), "end")
 
     @rank_zero_only
     def _write_results(self, out: Path) -> None:

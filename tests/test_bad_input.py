@@ -56,6 +56,8 @@ CASES = {
     "max_epochs instead of epochs_per_task": (["--trainer.max_epochs=3"], ["epochs_per_task"]),
     "zero epochs per task": (["--trainer.epochs_per_task=0"], ["epochs_per_task"]),
     "unknown backbone": (["--model.backbone=resnet9000"], ["unknown backbone", "mlp"]),
+    "option the backbone does not have": (["--model.backbone_kwargs={hiden_sizes: [8]}"],
+                                          ["hiden_sizes", "did you mean 'hidden_sizes'", "its options"]),
     "resume without a checkpoint": (["--ckpt_path=last"], ["no last.ckpt", "save_last"]),
     "missing checkpoint file": (["--ckpt_path=/nonexistent/x.ckpt"], ["does not exist"]),
 }

@@ -187,7 +187,7 @@ def _reference_wsn() -> type[WSN]:
     """WSN as the reference code does it: gradient zeroing only, the optimizer over every parameter."""
 
     class ReferenceWSN(WSN):
-        configure_optimizers = ContinualModule.configure_optimizers
+        optimizer_groups = ContinualModule.optimizer_groups
         optimizer_step = L.LightningModule.optimizer_step
 
     return ReferenceWSN

@@ -166,8 +166,10 @@ def test_a_sampled_sweep_run_puts_its_metric_in_the_offline_summary(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metric = sweep["metric"]["name"]
-    expected = json.loads((tmp_path / "results.json").read_text())
+    (results,) = tmp_path.rglob("results.json")  # the wandb run's own folder: <save_dir>/<project>/<run id>
+    expected = json.loads(results.read_text())
     (run,) = offline_runs(tmp_path)
+    assert results.parent.name == run.path.name.rsplit("-", 1)[-1]
     assert run.summary[metric] == pytest.approx(expected["metrics"][metric])
     assert any(k.startswith("stability/") for k in run.summary)
     for name, value in values.items():  # the CLI config under the sweep's own names

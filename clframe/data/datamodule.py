@@ -305,6 +305,10 @@ class ContinualDataModule(L.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return [self._eval_loader(t.test) for t in self._eval_tasks()]
 
+    def predict_dataloader(self) -> list[DataLoader]:
+        """The seen tasks' test data (``clframe predict``); batches carry their task ids."""
+        return self.test_dataloader()
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {"current_task": self.current_task, "signature": self.stream.signature()}

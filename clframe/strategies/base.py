@@ -17,14 +17,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from clframe import optim
 from clframe.data.stream import Batch, Task, TaskStream
 from clframe.errors import ConfigError, NonFiniteLossError
 from clframe.metrics.task_accuracy import TaskAccuracy
 from clframe.models.factory import create_backbone
+from clframe.optim import OPTIMIZERS, Interval, LRSchedulerCallable, OptimizerArg  # noqa: F401 (OPTIMIZERS: re-exported)
 from clframe.strategies.intact import InTAct, InTActConfig
-
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-              "rmsprop": torch.optim.RMSprop}
 
 
 def frozen_copy(**parts: nn.Module) -> nn.ModuleDict:
@@ -46,7 +45,15 @@ class ContinualModule(L.LightningModule):
             ``timm:<name>``) or an ``nn.Module`` with a ``num_features`` attribute.
         backbone_kwargs: keyword arguments for a backbone built by name.
         num_classes, input_shape, scenario: taken from the stream when not given.
-        optimizer, lr, momentum, weight_decay: the optimizer rebuilt at every task start.
+        optimizer, lr, momentum, weight_decay: the optimizer rebuilt at every task start: a shortcut
+            (``sgd``, ``adam``, ``adamw``, ``rmsprop`` with ``lr``, ``momentum``, ``weight_decay``) or any
+            optimizer class with its arguments (see :mod:`clframe.optim`; ``--optimizer`` replaces it).
+        lr_scheduler: a learning-rate scheduler class with its arguments, rebuilt (restarted) at every
+            task start; ``--lr_scheduler`` replaces it.
+        lr_scheduler_interval: step the scheduler every ``epoch`` or every optimizer ``step`` (schedulers
+            that say which, like :class:`~clframe.optim.WarmupCosineLR`, keep their own).
+        reset_optimizer: a fresh optimizer state and schedule per task (``True``) or carry the state and the
+            schedule's position over from the previous task (``False``).
         mask_unseen_classes: in class-incremental streams, hide classes of future tasks.
         check_finite_loss: stop with a clear error when the loss becomes NaN or infinite (one
             host sync per step on a GPU; turn off for the last bit of speed).
@@ -72,21 +79,31 @@ class ContinualModule(L.LightningModule):
         num_classes: int | None = None,
         input_shape: Sequence[int] | None = None,
         scenario: Literal["class", "task", "domain"] | None = None,
-        optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "sgd",
+        optimizer: OptimizerArg = "sgd",
         lr: float = 0.03,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         mask_unseen_classes: bool = True,
         check_finite_loss: bool = True,
         intact: InTActConfig | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Interval = "epoch",
+        reset_optimizer: bool = True,
         report_task_il: bool = False,
     ) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
         if lr <= 0:
             raise ConfigError(f"lr must be positive, got {lr}")
-        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        self._optimizer_carry = optim.OptimizerCarry()
+        self._optimizer_factory = optim.optimizer_factory(optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self._scheduler_factory = optim.scheduler_factory(lr_scheduler)
+        # callables (a Python-API partial or lambda) are not hyperparameters: checkpoints hold plain data only
+        ignore = [name for name, value in (("backbone", backbone), ("optimizer", optimizer), ("lr_scheduler", lr_scheduler))
+                  if not (value is None or isinstance(value, (str, Mapping)))]
+        self.save_hyperparameters(ignore=ignore or None)
+        for name, value in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
+            if name in ignore:
+                self.hparams[name] = self._hparams_initial[name] = optim.describe(value)
         # Not an attribute assignment: a module given here must not be registered twice.
         object.__setattr__(self, "_backbone_spec", backbone)
         self.backbone: nn.Module | None = None
@@ -271,13 +288,42 @@ class ContinualModule(L.LightningModule):
         except AttributeError:  # a Lightning without this (private) property: log every step, as before
             return True
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
+    def set_optimizer(self, optimizer: Any = None, lr_scheduler: Any = None) -> None:
+        """Replace the optimizer and/or the scheduler every later task start builds (``--optimizer`` and
+        ``--lr_scheduler`` land here); ``None`` keeps the current one. A name (``adam``) uses the
+        strategy's ``lr``, ``momentum`` and ``weight_decay``."""
         h = self.hparams
-        kwargs: dict[str, Any] = {"lr": h.lr, "weight_decay": h.weight_decay}
-        if h.optimizer == "sgd":
-            kwargs["momentum"] = h.momentum
-        return OPTIMIZERS[h.optimizer](params, **kwargs)
+        if optimizer is not None:
+            self._optimizer_factory = optim.optimizer_factory(optimizer, lr=h.lr, momentum=h.get("momentum", 0.0),
+                                                              weight_decay=h.get("weight_decay", 0.0))
+        if lr_scheduler is not None:
+            self._scheduler_factory = optim.scheduler_factory(lr_scheduler)
+        for name, value in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
+            if isinstance(value, (str, Mapping)) and name in h:  # what ran, in checkpoints and logged hparams
+                h[name] = self._hparams_initial[name] = value
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups of the task's optimizer (strategies with per-group settings override this).
+        Settings a group leaves out come from the optimizer (``lr``, ``weight_decay``)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self) -> Any:
+        """A fresh optimizer over :meth:`optimizer_groups` and a restarted schedule, at every task start."""
+        trainer = self._trainer
+        config = optim.build(self.optimizer_groups(), self._optimizer_factory, self._scheduler_factory, trainer,
+                             self.hparams.get("lr_scheduler_interval", "epoch"))
+        if not self.hparams.get("reset_optimizer", True):
+            opt, sched = (config["optimizer"], config["lr_scheduler"]["scheduler"]) if isinstance(config, dict) else (config, None)
+            self._optimizer_carry.restore(opt, sched)
+        return config
+
+    def on_fit_end(self) -> None:
+        """Keep the task's optimizer state for the next task when ``reset_optimizer`` is off."""
+        trainer = self._trainer
+        if self.hparams.get("reset_optimizer", True) or trainer is None or not trainer.optimizers:
+            return
+        scheds = trainer.lr_scheduler_configs
+        self._optimizer_carry.capture(trainer.optimizers[0], scheds[0].scheduler if scheds else None)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self) -> None:
@@ -328,6 +374,11 @@ class ContinualModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_end()
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Predicted class of every sample, with its task id and target (``clframe predict``)."""
+        x, y, t = batch
+        return {"task_id": t, "target": y, "prediction": self(x, t).argmax(1)}
 
     def on_validation_epoch_start(self) -> None:
         self._eval_start()

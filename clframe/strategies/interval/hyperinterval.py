@@ -22,7 +22,8 @@ from clframe.callbacks.base import ContinualCallback
 from clframe.data.stream import Batch, Task, TaskStream
 from clframe.metrics.matrix import backward_transfer
 from clframe.models.factory import check_kwargs
-from clframe.strategies.base import OPTIMIZERS, ContinualModule
+from clframe.optim import OptimizerArg
+from clframe.strategies.base import ContinualModule
 from clframe.strategies.interval import ibp
 from clframe.strategies.interval.hypernet import TARGETS, HyperNetwork
 from clframe.strategies.interval.ibp import Bound, Interval
@@ -136,7 +137,7 @@ class HyperInterval(ContinualModule):
         universal_radius: Literal["eps", "intersection"] = "eps",
         n_embeddings: int | None = None,
         outputs_per_task: int | None = None,
-        optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam",
+        optimizer: OptimizerArg = "adam",
         lr: float = 1e-3,
         **kwargs: Any,
     ) -> None:
@@ -400,14 +401,13 @@ class HyperInterval(ContinualModule):
         state = {k: v.detach().clone() for k, v in self.hypernet.state_dict().items()}
         self._best = (self._last_loss, state, self.task_embeddings[int(self.current_task)].detach().clone())
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam (by default) over the hypernetwork and the current task's embedding (and radii) only."""
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The hypernetwork and the current task's embedding (and radii) only; Adam by default."""
         task = int(self.current_task)
         params = [*self.hypernet.parameters(), self.task_embeddings[task]]
         if not self.hparams.nested:
             params.append(self.radius_logits[task])
-        h = self.hparams
-        return OPTIMIZERS[h.optimizer](params, lr=h.lr, weight_decay=h.weight_decay)
+        return [{"params": params}]
 
     # ------------------------------------------------------------------ task hooks
     def _set_trainable(self, task: int) -> None:

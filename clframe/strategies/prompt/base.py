@@ -28,13 +28,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from clframe.data.augment import crop_flip
 from clframe.data.stream import Batch, Task, passthrough_collate
 from clframe.data.view_batch import task_epoch_offset
 from clframe.errors import ConfigError
-from clframe.strategies.base import OPTIMIZERS, ContinualModule
+from clframe.optim import OptimizerArg, TaskCosineLR
+from clframe.strategies.base import ContinualModule
 from clframe.strategies.prompt.ovor import VORConfig, synthesize_outliers, vor_loss
 from clframe.strategies.prompt.vit import PromptViT
-from clframe.data.augment import crop_flip
 
 Phase = Literal["prompt", "head", "vor"]
 
@@ -69,7 +70,8 @@ class PromptModule(ContinualModule):
         backbone_mean, backbone_std: normalisation the ViT applies to its (resized) input; leave unset to feed
             the data module's output as it is (use ``data.normalize: false`` for pixels in [0, 1]).
         mask_past_classes: in class-incremental training, old classes' logits are -inf (card §1).
-        lr_schedule: ``constant`` (L2P, DualPrompt) or ``cosine`` over each task (CODA-P, OVOR), rebuilt per task.
+        lr_schedule: ``constant`` (L2P, DualPrompt) or ``cosine`` over each task (CODA-P, OVOR), rebuilt per task
+            (short for ``lr_scheduler: clframe.optim.TaskCosineLR``; an explicit ``lr_scheduler`` wins).
         augment: ``crop_flip`` (pad 4, random crop, horizontal flip, on the device) or ``none``.
         vor: switch on Virtual Outlier Regularisation (:class:`~clframe.strategies.prompt.ovor.VORConfig`).
         optimizer, lr, ...: as in :class:`~clframe.strategies.base.ContinualModule`.
@@ -93,7 +95,7 @@ class PromptModule(ContinualModule):
         lr_schedule: Literal["constant", "cosine"] = "constant",
         augment: Literal["none", "crop_flip"] = "none",
         vor: VORConfig | None = None,
-        optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam",
+        optimizer: OptimizerArg = "adam",
         lr: float = 1e-3,
         **kwargs: Any,
     ) -> None:
@@ -105,6 +107,8 @@ class PromptModule(ContinualModule):
             vor = VORConfig(**vor)
         self.vor_config: VORConfig | None = vor
         super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, optimizer=optimizer, lr=lr, **kwargs)
+        if lr_schedule == "cosine" and self._scheduler_factory is None:  # sugar for lr_scheduler: TaskCosineLR
+            self.set_optimizer(lr_scheduler=TaskCosineLR)
         if vor is not None:  # plain values in the hyperparameters (checkpoints, YAML dumps)
             self.hparams["vor"] = asdict(vor)
         self._phase: Phase = "prompt"
@@ -274,23 +278,6 @@ class PromptModule(ContinualModule):
         """Parameter groups of the optimiser: every trainable parameter (prompts, keys, head)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
-    def configure_optimizers(self) -> Any:
-        """A fresh optimiser per task over the prompt parameters and the head, with the per-task schedule."""
-        h = self.hparams
-        kwargs: dict[str, Any] = {"lr": h.lr, "weight_decay": h.weight_decay}
-        if h.optimizer == "sgd":
-            kwargs["momentum"] = h.momentum
-        opt = OPTIMIZERS[h.optimizer]([g for g in self.optimizer_groups() if g["params"]], **kwargs)
-        if h.lr_schedule == "constant":
-            return opt
-        trainer = self._trainer
-        steps = getattr(trainer, "steps_per_task", None) if trainer is not None else None
-        if steps is not None:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        epochs = getattr(trainer, "epochs_per_task", None) or 1
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self) -> None:

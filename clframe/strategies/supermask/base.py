@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from clframe.data.stream import Task, TaskStream
 from clframe.errors import ConfigError
 from clframe.models.factory import check_kwargs
-from clframe.strategies.base import OPTIMIZERS, ContinualModule
+from clframe.strategies.base import ContinualModule
 from clframe.strategies.supermask.layers import (
     MASKED_BACKBONES,
     MaskedLayer,
@@ -52,10 +52,6 @@ class SupermaskModule(ContinualModule):
         super().__init__(backbone=backbone, **kwargs)
         self._editable: list[tuple[MaskedLayer, Tensor, Tensor]] = []  # (layer, editable, snapshot)
         self._best: tuple[float, list[Tensor]] | None = None  # (val accuracy, trainable tensors) of the best epoch
-
-    @property
-    def optimizer_class(self) -> type[torch.optim.Optimizer]:
-        return OPTIMIZERS[self.hparams.optimizer]
 
     # ------------------------------------------------------------------ construction
     def layer_kwargs(self) -> dict[str, Any]:

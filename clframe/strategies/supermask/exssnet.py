@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from clframe.data.stream import Task
+from clframe.optim import OptimizerArg
 from clframe.strategies.supermask.base import SupermaskModule
 from clframe.strategies.supermask.layers import MaskedLayer, MaskSource
 
@@ -60,7 +61,7 @@ class ExSSNeT(SupermaskModule):
 
     def __init__(self, density: float = 0.1, weight_epochs: int = 0, weight_lr: float = 1e-3, exclusive: bool = True,
                  sim_init: Literal["none", "knn_best", "knn_always", "knn_all"] = "knn_best", knn_k: int = 200,
-                 knn_fraction: float = 0.2, optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam",
+                 knn_fraction: float = 0.2, optimizer: OptimizerArg = "adam",
                  lr: float = 0.01, **kwargs: Any) -> None:
         super().__init__(density=density, optimizer=optimizer, lr=lr, **kwargs)
         if weight_epochs < 0 or not 0.0 < knn_fraction <= 1.0 or knn_k < 1:
@@ -169,14 +170,12 @@ class ExSSNeT(SupermaskModule):
         super().on_task_end(task)
         self._editable = []
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """One optimizer, two groups: the task's scores (``lr``) and the weights (``weight_lr``, no decay).
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """Two groups: the task's scores (the optimizer's ``lr``) and the weights (``weight_lr``, no decay).
 
         Parameters of the inactive phase have ``requires_grad=False``, hence no gradient, and are skipped.
         """
         h, task = self.hparams, int(self.current_task)
         layers = self.masked_layers()
-        groups = [{"params": [layer.scores[task] for layer in layers], "lr": h.lr, "weight_decay": h.weight_decay},
-                  {"params": [layer.weight for layer in layers], "lr": h.weight_lr, "weight_decay": 0.0}]
-        kwargs: dict[str, Any] = {"momentum": h.momentum} if h.optimizer == "sgd" else {}
-        return self.optimizer_class(groups, **kwargs)
+        return [{"params": [layer.scores[task] for layer in layers]},
+                {"params": [layer.weight for layer in layers], "lr": h.weight_lr, "weight_decay": 0.0}]

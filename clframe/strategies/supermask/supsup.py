@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from clframe.data.stream import Batch, Task
 from clframe.errors import ConfigError
+from clframe.optim import OptimizerArg
 from clframe.strategies.supermask.base import SupermaskModule
 from clframe.strategies.supermask.layers import MaskedLinear, MaskRule, MaskSource, er_density
 
@@ -60,7 +61,7 @@ class SupSup(SupermaskModule):
                  inference_objective: Literal["entropy", "g"] = "entropy",
                  inference_scope: Literal["batch", "sample"] = "batch", inference_samples: int = 1,
                  log_base: int = 2, infer_task_at_test: bool = False,
-                 optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam", lr: float = 1e-3,
+                 optimizer: OptimizerArg = "adam", lr: float = 1e-3,
                  **kwargs: Any) -> None:
         super().__init__(density=density, optimizer=optimizer, lr=lr, **kwargs)
         if er_sparsity is not None and (er_sparsity <= 0 or mask_rule != "topk"):

@@ -16,12 +16,13 @@ The reference's plateau schedule (lr/2 after 6 epochs without improvement) canno
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from clframe.optim import OptimizerArg
 from clframe.strategies.supermask.base import SupermaskModule
 from clframe.strategies.supermask.layers import MaskedLayer, MaskSource
 
@@ -53,7 +54,7 @@ class WSN(SupermaskModule):
     """
 
     def __init__(self, density: float = 0.5, keep_best: bool = False,
-                 optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam", lr: float = 1e-3,
+                 optimizer: OptimizerArg = "adam", lr: float = 1e-3,
                  **kwargs: Any) -> None:
         super().__init__(density=density, keep_best=keep_best, optimizer=optimizer, lr=lr, **kwargs)
 
@@ -74,13 +75,9 @@ class WSN(SupermaskModule):
         """Every weight no earlier task selected (``¬U``); the current mask decides which get gradient."""
         return [(layer, ~self.union_mask(layer)) for layer in self.masked_layers()]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The masked weights without weight decay, everything else with the optimizer's."""
         weights = [layer.weight for layer in self.masked_layers()]
         ids = {id(w) for w in weights}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        h = self.hparams
-        groups = [{"params": weights, "weight_decay": 0.0}, {"params": rest, "weight_decay": h.weight_decay}]
-        kwargs: dict[str, Any] = {"lr": h.lr}
-        if h.optimizer == "sgd":
-            kwargs["momentum"] = h.momentum
-        return self.optimizer_class(groups, **kwargs)
+        return [{"params": weights, "weight_decay": 0.0}, {"params": rest}]
