@@ -55,3 +55,19 @@ def test_seq_cifar10_configs_on_real_data(name, tmp_path):
                    f"--trainer.default_root_dir={tmp_path}", *SMALL, "--data.train_samples_per_class=20",
                    "--data.test_samples_per_class=10"])
     _check(cli, name)
+
+
+PAPER_SCALE = {  # config -> CPU-sized overrides (the configs' own headers name them)
+    "split_cifar10/er_stability_gap": ["--trainer.callbacks.init_args.samples_per_task=20"],
+    "split_cifar10/icarl_resnet18_baseline": [],
+    "split_cifar10/icarl_resnet18_vb": ["--trainer.epochs_per_task=4"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SCALE))
+def test_paper_scale_cifar_configs_run_unchanged_with_a_small_budget(name, tmp_path, monkeypatch):
+    monkeypatch.setattr(datamodule_module, "load_source", _stand_in)
+    cli = run_cli(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), f"--trainer.default_root_dir={tmp_path}",
+                   *SMALL, *PAPER_SCALE[name]])
+    assert len(cli.trainer.continual_results["accuracy_matrix"]) == 5
+
