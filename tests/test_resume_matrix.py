@@ -49,6 +49,8 @@ CASES: dict[str, Case] = {
     # replay
     "ER": Case(lambda: ER(buffer_size=40, lr=0.05, **MLP), CLASS_IL,  # with the stability-gap curves
                callbacks=lambda: [ContinualEvaluation(every_n_steps=3, samples_per_task=50, plots=False)]),
+    # a step budget that ends each task in the middle of an epoch (12 steps; 5, then 10 batches per epoch)
+    "ER-steps": Case(lambda: ER(buffer_size=40, lr=0.05, **MLP), CLASS_IL, {"steps_per_task": 12}),
     "DERpp": Case(lambda: DERpp(buffer_size=40, lr=0.05, **MLP), CLASS_IL),
     "iCaRL": Case(lambda: ICaRL(buffer_size=40, lr=0.05, **MLP), CLASS_IL),
     "GeRe": Case(lambda: GeRe(backbone="mlp", general={"source": "digits", "n": 32}, general_classes=10,
