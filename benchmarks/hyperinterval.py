@@ -2,7 +2,7 @@
 
 Runs the configs of ``configs/permuted_mnist`` and ``configs/split_mnist`` through the ``clframe``
 command (one thread per run, ``--jobs`` runs at a time), with the overrides below that shrink the
-official protocol (reference-results §4.1) to what two shared CPU cores can do, and writes
+official protocol () to what two shared CPU cores can do, and writes
 ``benchmarks/results/hyperinterval.{json,md}``:
 
     CLFRAME_DATA=/path/to/data python benchmarks/hyperinterval.py --seeds 0 1 2 --jobs 2
@@ -34,7 +34,7 @@ REPORT = ROOT / "benchmarks/results/hyperinterval.md"
 # sums squared differences over all target weights, so the same per-weight pull needs a larger beta.
 PERM = ["--model.backbone_kwargs={hidden_sizes: [100, 100]}", "--model.chunk_size=2000", "--trainer.steps_per_task=1000",
         "--model.beta=0.2"]
-# CPU-sized Split-MNIST (the method card's CPU check, §7): target 784-100-100-2, hypernet [50, 50], M 24,
+# CPU-sized Split-MNIST (our CPU-sized check): target 784-100-100-2, hypernet [50, 50], M 24,
 # eps 1, beta 0.01, chunks of 2000, 600 iterations per task (official: 400-400, [75, 75], M 72, 2000 it).
 SPLIT = ["--model.backbone_kwargs={hidden_sizes: [100, 100]}", "--model.hnet_hidden=[50, 50]",
          "--model.embedding_dim=24", "--model.chunk_size=2000", "--trainer.steps_per_task=600"]
@@ -84,19 +84,19 @@ JOBS: dict[str, tuple[str, str, str, list[str], int | None]] = {
                          "5000 it/task; GPU)", "permuted_mnist/hyperinterval.yaml", [], None),
 }
 
-# Reference figures (docs reference-results §4.2 and the method card §7); no paper table is available.
+# Reference figures: what the method is expected to show; no paper table is available.
 REFERENCE = {
     "perm_hi": "96.63 TIL (single seed, full protocol; repository history, not a paper number)",
-    "split_hi": "card §7 expectation: TIL >= 97-98, BWT >= -0.5, worst case close to clean",
+    "split_hi": "expected: TIL >= 97-98, BWT >= -0.5, worst case close to clean",
     "perm_hi_noreg": "issue: BWT clearly negative",
-    "split_hi_noreg": "card §7: BWT clearly negative",
-    "split_nested": "card §7: universal far above 50 on every task, below the per-task embeddings",
+    "split_hi_noreg": "expected: BWT clearly negative",
+    "split_nested": "expected: universal far above 50 on every task, below the per-task embeddings",
     "split_nested_beta": "as split_nested",
     "split_nested_ref": "as split_nested",
-    "perm_hnet": "none published in reference-results",
-    "split_hnet": "none published in reference-results",
+    "perm_hnet": "no published figure",
+    "split_hnet": "no published figure",
     "split_hi_paper": "as split_hi",
-    "perm_nested": "none published (reference-results §4.2); card §7: universal well above chance, below per-task",
+    "perm_nested": "no published figure; expected: universal well above chance, below per-task",
     "split_hi_official": "as split_hi",
     "split_nested_official": "as split_nested",
     "perm_hi_official": "96.63 TIL (single seed, full protocol; repository history, not a paper number)",
@@ -108,7 +108,7 @@ METRICS = [("final/avg_acc", "TIL acc"), ("final/bwt", "BWT"), ("final/worst_cas
            ("final/cil_acc", "CIL acc (entropy)"), ("final/task_inference_acc", "task inference")]
 
 NOTES = """\
-Protocol (official settings: reference-results §4.1, method card §4/§7). What differs, and why:
+Protocol (official settings of the HyperInterval paper and its code). What differs, and why:
 
 - **Chunked hypernetwork everywhere** (`chunk_size` 2000, or 5000 for the 400-400 network; chunk
   embeddings of size 8). The official hypernetwork has one output layer with an entry per target
@@ -121,7 +121,7 @@ Protocol (official settings: reference-results §4.1, method card §4/§7). What
   squared differences over all target weights and the target is 22.7x smaller (0.01 x 2,036,010 /
   89,610 = 0.23). Everything else as in the official file (hypernet [100, 100], M 24, eps 0.5,
   kappa_min 0.5 with the reference ramp, Adam 1e-3, batch 128).
-- **Split-MNIST**: the method card's CPU-sized check (§7): target 784-100-100-2, hypernet [50, 50],
+- **Split-MNIST**: our CPU-sized check: target 784-100-100-2, hypernet [50, 50],
   M 24, eps 1, beta 0.01, 600 iterations per task (official: 400-400, [75, 75], M 72, 2000 it).
   Nested: the official nested settings (M 24, eps 10, beta 0.001, hypernet [100], batch 64) on the
   same target and 600 iterations. `split_nested` (and its beta probe): the first implementation

@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100], help="target MLP hidden sizes")
     parser.add_argument("--hnet-hidden", type=int, nargs="+", default=[100])
     parser.add_argument("--chunk-size", type=int, default=2000, help="0: unchunked (the reference)")
-    parser.add_argument("--custom-init", type=int, default=1, help="1: copy the previous embedding (card); "
+    parser.add_argument("--custom-init", type=int, default=1, help="1: copy the previous embedding (the intended behaviour); "
                         "0: the reference's effective behaviour (its custom_init is a no-op)")
     parser.add_argument("--model-selection", default="last", choices=["last", "train_loss"])
     parser.add_argument("--universal-radius", default="eps", choices=["eps", "intersection"])

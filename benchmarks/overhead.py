@@ -533,7 +533,7 @@ def main() -> None:
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
     start = time.perf_counter()
-    command = "CLFRAME_DATA=../shared/data " + ("nice -n -10 " if os.nice(0) < 0 else "") + \
+    command = "CLFRAME_DATA=/path/to/data " + ("nice -n -10 " if os.nice(0) < 0 else "") + \
         "python " + " ".join(shlex.quote(a) for a in ["benchmarks/overhead.py", *sys.argv[1:]])
     mach = machine()
     lr = args.lr or (0.1 if args.benchmark == "mnist" else 0.05)

@@ -17,7 +17,7 @@ and saves
 One command (the defaults are the run behind benchmarks/RESULTS.md: 85 epochs, 6.3 min on one NVIDIA
 H100 while other jobs shared the GPU; on 2 CPU cores the same run would take many hours)::
 
-    CLFRAME_DATA=../shared/data python benchmarks/pretrain_backbone.py
+    CLFRAME_DATA=/path/to/data python benchmarks/pretrain_backbone.py
 
 ``--score runs/backbones/vit_tiny_tinyimagenet.pt`` scores a saved checkpoint on the whole valid split.
 ``--time-budget-min M`` times 30 steps first and sets ``--epochs`` to what fits M minutes (the recorded run:

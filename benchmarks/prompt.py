@@ -13,7 +13,7 @@ and, from each run's ``metrics.csv``, DualPrompt's prompt-selection (task-id) ac
 energies; then measures each method's trainable parameters and inference cost (ViT forward passes per
 image, and ms/image at batch 256 on one CPU thread) on the built model.
 
-    CLFRAME_DATA=../shared/data nice -n 10 python benchmarks/prompt.py --seeds 0 1 2 --jobs 2
+    CLFRAME_DATA=/path/to/data nice -n 10 python benchmarks/prompt.py --seeds 0 1 2 --jobs 2
 
 The recorded run (benchmarks/RESULTS.md) used a GPU and larger sizes: ``--jobs 8 --train-per-class 2000
 --test-per-class 1000 --batch-size 64 --no-cost``, then ``--seeds`` (no seed: the cost measurement alone,
