@@ -45,7 +45,7 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (config stem, label, the paper figure this row stands in for, from ../shared/docs/reference-results.md §6.2;
+# (config stem, label, the paper figure this row stands in for, from the methods' papers;
 #  all [unverified recollection] there, CIFAR-100 10 tasks, ViT-B/16)
 METHODS = [
     ("l2p", "L2P", "83.83 (L2P paper) / 82.50 (L2P++, CODA-P paper)"),

@@ -9,7 +9,7 @@ import pytest
 
 
 def data_root() -> Path | None:
-    """The real data sets (CI sets CLFRAME_DATA to ../shared/data); None when absent."""
+    """The real data sets (CI sets CLFRAME_DATA to the data directory); None when absent."""
     root = os.environ.get("CLFRAME_DATA")
     return Path(root) if root and Path(root).is_dir() else None
 

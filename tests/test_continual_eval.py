@@ -117,8 +117,8 @@ def test_outputs_metrics_curves_and_plots(tmp_path):
     assert "stability/min_acc" in logged and "continual_eval/acc_task_0" in logged
 
 
-def test_card_check_split_digits_shows_the_gap(tmp_path):
-    """The method card's CPU check (one seed): ER has a deep gap that end-of-epoch evaluation hides."""
+def test_er_split_digits_shows_the_gap(tmp_path):
+    """CPU-sized check (one seed): ER has a deep gap that end-of-epoch evaluation hides."""
     kw = dict(backbone_kwargs={"hidden_sizes": [400, 400], "init": "default"}, buffer_size=100,
               buffer_policy="class_balanced", new_weight=0.5, lr=0.01, momentum=0.9)
     fine = ContinualEvaluation(every_n_steps=1, plots=False)

@@ -317,7 +317,7 @@ def test_a_gloo_process_group_is_destroyed_at_exit_not_left_to_interpreter_shutd
                    "has run it clean many times")
 def test_view_batch_under_two_process_ddp(tmp_path):
     """The view-batch model under DDP: each rank's batches are whole view groups (the slice is cut from
-    the global index list, card pitfall 6), the SSL term is computed on every rank, and both ranks keep the
+    the global index list), the SSL term is computed on every rank, and both ranks keep the
     same buffer (anchors of the gathered global batch)."""
     root, probe = tmp_path / "ddp", tmp_path / "probe"
     env = {k: v for k, v in os.environ.items() if k in ("HOME", "PATH", "PYTHONPATH", "VIRTUAL_ENV")}

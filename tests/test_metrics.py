@@ -53,7 +53,7 @@ def test_fwt_learning_accuracy_and_single_task():
         mm.average_accuracy([])
 
 
-def test_card_trace_min_acc_wf_wp():
+def test_short_trace_min_acc_wf_wp():
     steps, trace = [0, 1, 2], [1.0, 0.5, 0.9]
     assert st.min_acc(steps, trace, task_end=-1) == pytest.approx(0.5)
     assert st.windowed_forgetting(steps, trace, 3) == pytest.approx(0.5)

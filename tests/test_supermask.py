@@ -1,7 +1,7 @@
 """Supermask strategies (SupSup, WSN, ExSSNeT): layers, zero forgetting, checkpoints, task inference, KKT.
 
-The streams are scikit-learn's 8x8 digits (no download), as in the method card's CPU-sized checks
-(``supermasks.md`` §7); every run is cached per module and takes about a second on one thread.
+The streams are scikit-learn's 8x8 digits (no download), as in the CPU-sized checks
+described in ``docs/methods/supermasks.md``; every run is cached per module and takes about a second on one thread.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class Run:
 
 
 def related_stream(seed: int = 0) -> TaskStream:
-    """Permuted digits A, C, B where B is A's permutation with 4 pixels swapped (card §7.4)."""
+    """Permuted digits A, C, B where B is A's permutation with 4 pixels swapped."""
     stream = domain_incremental(load_source("digits"), kind="permutation", n_tasks=3, seed=seed)
     perm_a = stream[0].train.input_transform.permutation
     idx = torch.randperm(64, generator=torch.Generator().manual_seed(seed))[:4]
@@ -337,9 +337,9 @@ def _test_inputs(stream: TaskStream) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_supsup_one_shot_inference_finds_the_task(runs) -> None:
-    """Card §7.2: 5 permuted-digits tasks, width 256: ≥ 80 % from 1 image, ≥ 95 % from 8 images.
+    """5 permuted-digits tasks, width 256: ≥ 80 % from 1 image, ≥ 95 % from 8 images.
 
-    Inputs in [0, 1] as in the card's calibration: with mean/std normalisation the same runs gave
+    Inputs in [0, 1] as calibrated here: with mean/std normalisation the same runs gave
     0.72-0.88 (1 image) and 0.86-0.99 (8 images) over seeds 0-2, against 0.88-0.95 / 0.95-1.0 in [0, 1].
     The exhaustive per-mask entropy baseline has no calibrated figure for 5 tasks; it must be far
     above chance (0.2)."""
@@ -419,7 +419,7 @@ def test_wsn_freezes_earlier_weights_and_stays_within_capacity(runs) -> None:
 
 
 def test_wsn_restores_frozen_weights_that_adamw_decay_would_move(runs) -> None:
-    """Card §7.3 regression: gradient zeroing alone lets AdamW's decoupled decay move frozen weights."""
+    """Regression: gradient zeroing alone lets AdamW's decoupled decay move frozen weights."""
     ours, reference = runs("wsn_adamw"), runs("wsn_reference_adamw")
     assert average_forgetting(ours.matrix) == 0.0 and ours.matrix[-1][0] == ours.matrix[0][0]
     used = ours.model.union_mask(ours.model.masked_layers()[0], [0])
@@ -547,7 +547,7 @@ def test_invalid_settings_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_exssnet_beats_supsup_at_low_density(tmp_path: Path) -> None:
-    """Card §7.4: 5 permuted-digits tasks, 10 % kept, 10 + 10 epochs: ExSSNeT ≥ SupSup + 3 points, no forgetting."""
+    """5 permuted-digits tasks, 10 % kept, 10 + 10 epochs: ExSSNeT ≥ SupSup + 3 points, no forgetting."""
 
     def final(model: Any, epochs: int) -> list[list[float]]:
         L.seed_everything(0, verbose=False)

@@ -1,4 +1,4 @@
-"""The view-batch model: the sampler's properties from the method card, the view-batch SSL term, buffer
+"""The view-batch model: the sampler's properties from the paper, the view-batch SSL term, buffer
 view-batches, the switch on ER / DER / DER++, and a run from the command line (scikit-learn digits)."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Differences from the reference code, on purpose (see ``docs/methods/view-batch.m
 
 Under DDP the group's permutation is cut into units of ``world_size`` samples and the schedule is
 built over units, rank ``r`` taking the ``r``-th sample of each unit: all views of a sample stay on
-one rank (the card's pitfall 6), ranks are disjoint and have the same number of equally shaped batches.
+one rank, ranks are disjoint and have the same number of equally shaped batches.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Metrics over the accuracy matrix ``R[i][j]``: accuracy on task j after training task i.
 
 Rows are time (one per finished task), columns are tasks; entries of tasks not evaluated are NaN.
-All accuracies are fractions in [0, 1]. Definitions follow ``docs/methods/stability-gap.md`` §4.
+All accuracies are fractions in [0, 1]. Definitions follow ``docs/methods/replay.md``.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ De Lange, Van de Ven & Tuytelaars, "Continual evaluation for lifelong learning: 
 stability gap", ICLR 2023. Inputs: ``steps`` (n,) global steps of the evaluations, ``acc`` (n, T)
 accuracy of every task at every evaluation (NaN where a task was not evaluated), ``task_ends``
 (T,) the global step at which each task's training ended (evaluations after it belong to later
-tasks). Windows are measured in iterations, not in evaluations (the clframe choice of the card's
-§5), so results do not depend on the evaluation period.
+tasks). Windows are measured in iterations, not in evaluations (a clframe
+choice), so results do not depend on the evaluation period.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ target-network weights ``[theta_L, theta_U]`` with midpoint ``theta_M``. The tar
 on ``kappa * CE(z_M, y) + (1 - kappa) * CE(z_worst, y)``, where ``z_M`` are the logits of the point
 network with ``theta_M`` and ``z_worst`` the IBP worst case over the weight box; forgetting is held
 off by regularising the hypernetwork's outputs for earlier (frozen) embeddings towards their values
-at the start of the task. Everything follows the method card ``docs/methods/hyperinterval.md``;
+at the start of the task. Everything follows ``docs/methods/interval.md``;
 choices where the reference code and the paper differ are written where they are made.
 """
 
@@ -32,7 +32,7 @@ from clframe.strategies.interval.ibp import Bound, Interval
 class HyperInterval(ContinualModule):
     """HyperInterval: interval task embeddings -> hypernetwork (IBP) -> interval target weights.
 
-    Embedding boxes (card §4):
+    Embedding boxes:
 
     * non-nested (``nested=False``, task-incremental): ``[e_t - eps * softmax(p_t), e_t + eps * softmax(p_t)]``
       with learnable ``e_t`` and ``p_t`` (uniform at init), so the radii always sum to ``eps``;
@@ -42,7 +42,7 @@ class HyperInterval(ContinualModule):
       As in the reference code, ``sigma`` follows the ramped ``eps`` during training (at the start of
       a task every embedding sits at the origin); old tasks, the regulariser and evaluation use the full ``eps``.
 
-    Loss of the current task ``t`` at iteration ``i`` of ``I`` (card §4, "reference" schedule): for
+    Loss of the current task ``t`` at iteration ``i`` of ``I`` (the "reference" schedule): for
     ``i < I/2``: ``eps(i) = eps * i / (I/2 - 1)`` and ``kappa(i) = max(1 - kappa_decay * i, kappa_min)``;
     afterwards ``eps`` and ``kappa_min`` (``kappa_schedule="linear"`` instead lowers kappa linearly
     from 1 to ``kappa_min`` over the first half, without the jump)::
@@ -73,12 +73,12 @@ class HyperInterval(ContinualModule):
     mid-task restores the same copy.) Not offered: the non-nested rule (validation accuracy). The
     class-weighted entropy variant is not offered either (the script's default is unweighted).
 
-    Reference details of the nested scenario that the card leaves open (checked against HINT):
+    Reference details of the nested scenario that the paper leaves open (checked against HINT):
 
     * ``custom_init`` has **no effect** in the reference: it assigns the copied embedding into the list
       that hypnettorch's ``conditional_params`` property builds afresh on every access, so every task's
       embedding keeps its own N(0, 1) initialisation. ``custom_init=False`` reproduces that; ``True``
-      is the card's documented intent (copy the previous embedding).
+      is the paper's documented intent (copy the previous embedding).
     * The universal embedding is evaluated as a box of the full radius ``eps/M`` per dimension around the
       intersection midpoint, without the cosine (``universal_radius="eps"``, HINT
       ``Utils/handy_functions.py::evaluate_previous_tasks_for_intersection`` with
@@ -215,7 +215,7 @@ class HyperInterval(ContinualModule):
 
     # ------------------------------------------------------------------ embeddings and weights
     def embedding_box(self, task: int, eps: float) -> Interval:
-        """The interval embedding of ``task`` for the radius budget ``eps`` (card §4 table)."""
+        """The interval embedding of ``task`` for the radius budget ``eps``."""
         m = self.hparams.embedding_dim
         e = self.task_embeddings[task]
         if self.hparams.nested:
@@ -323,7 +323,7 @@ class HyperInterval(ContinualModule):
 
     # ------------------------------------------------------------------ training
     def schedule(self, i: int) -> tuple[float, float]:
-        """``(eps, kappa)`` at iteration ``i`` of the task (card §4; ramps in every task, the first included)."""
+        """``(eps, kappa)`` at iteration ``i`` of the task (ramps in every task, the first included)."""
         h, half = self.hparams, self._iters_per_task / 2
         if i >= half:
             return h.epsilon, h.kappa_min

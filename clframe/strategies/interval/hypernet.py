@@ -3,7 +3,7 @@
 The hypernetwork is an MLP with ReLU hidden layers and no BatchNorm or dropout (hypnettorch's HMLP,
 as used by HyperInterval). An interval embedding ``[e - eps, e + eps]`` is propagated by IBP
 (:mod:`clframe.strategies.interval.ibp`), giving a box of target weights ``[theta_L, theta_U]``
-whose midpoint is ``theta_M`` (method card §4: the midpoint of the propagated box, not ``H(e)``).
+whose midpoint is ``theta_M`` (the midpoint of the propagated box, not ``H(e)``).
 
 Chunked generation (``chunk_size``): instead of one output layer with ``hidden x n_weights`` entries
 (180 M parameters for the 1000-1000 Permuted-MNIST MLP), the network produces the weights

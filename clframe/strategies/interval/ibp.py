@@ -3,7 +3,7 @@
 A box is an :class:`Interval` ``[centre - radius, centre + radius]`` (element-wise, ``radius >= 0``);
 a plain tensor is a point (a box of radius 0). Every function takes points or intervals for both the
 input and the weights and returns the tightest of the cheap sound bounds for that combination
-(method card ``hyperinterval.md`` §1):
+(``docs/methods/interval.md``):
 
 * point weights, interval input: ``y_c = W x_c + b``, ``y_r = |W| x_r`` (exact per layer);
 * interval weights, point input: ``y_c = W_c x + b_c``, ``y_r = W_r |x| + b_r`` (exact per layer);

@@ -1,5 +1,5 @@
 """Prompt-based rehearsal-free class-incremental learning on a frozen timm ViT: L2P, DualPrompt, CODA-Prompt,
-OnePrompt and OVOR (VOR on top of any of them with ``vor={...}``). See ``shared/docs/methods/prompts.md``.
+OnePrompt and OVOR (VOR on top of any of them with ``vor={...}``). See ``docs/methods/prompts.md``.
 
 | strategy | prompts | query pass | forward passes per image |
 |---|---|---|---|

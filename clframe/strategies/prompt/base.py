@@ -1,4 +1,4 @@
-"""PromptModule: the common ground of the prompt methods on a frozen ViT (card §1).
+"""PromptModule: the common ground of the prompt methods on a frozen ViT.
 
 - The backbone is a frozen timm ViT (:class:`~clframe.strategies.prompt.vit.PromptViT`): by name with
   ``pretrained=True`` (timm's weights, needs network access or timm's cache), or with a local
@@ -69,7 +69,7 @@ class PromptModule(ContinualModule):
             ``num_heads``, ...).
         backbone_mean, backbone_std: normalisation the ViT applies to its (resized) input; leave unset to feed
             the data module's output as it is (use ``data.normalize: false`` for pixels in [0, 1]).
-        mask_past_classes: in class-incremental training, old classes' logits are -inf (card §1).
+        mask_past_classes: in class-incremental training, old classes' logits are -inf.
         lr_schedule: ``constant`` (L2P, DualPrompt) or ``cosine`` over each task (CODA-P, OVOR), rebuilt per task
             (short for ``lr_scheduler: clframe.optim.TaskCosineLR``; an explicit ``lr_scheduler`` wins).
         augment: ``crop_flip`` (pad 4, random crop, horizontal flip, on the device) or ``none``.
@@ -170,7 +170,7 @@ class PromptModule(ContinualModule):
         return self.mask_logits(self.head(out.features), task_ids)
 
     def train_logit_mask(self, task_ids: Tensor | None) -> Tensor | None:
-        """Training-time mask: the current task's classes only in class-incremental streams (card §1)."""
+        """Training-time mask: the current task's classes only in class-incremental streams."""
         if self.scenario == "class" and self.hparams.mask_past_classes:
             return (self.class_task == self.current_task).unsqueeze(0)
         return self.logit_mask(task_ids)

@@ -1,4 +1,4 @@
-"""Frozen-feature baselines for the prompt methods (card §8): the same frozen ViT, no prompts.
+"""Frozen-feature baselines for the prompt methods: the same frozen ViT, no prompts.
 
 - :class:`LinearProbe`: the frozen backbone's [CLS] feature (final LayerNorm, no prompts) and a trained
   linear head. Training is the prompt methods' own: ``CE`` on logits with the old classes masked

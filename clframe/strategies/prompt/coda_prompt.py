@@ -1,4 +1,4 @@
-"""CODA-Prompt (Smith et al., CVPR 2023), card §4.
+"""CODA-Prompt (Smith et al., CVPR 2023).
 
 At every prompted block ``l``: components ``P ∈ R^{M×L_p×D}``, keys ``K ∈ R^{M×D}``, attention vectors
 ``A ∈ R^{M×D}``. With ``T`` tasks each task owns ``M/T`` contiguous components; task ``t`` uses

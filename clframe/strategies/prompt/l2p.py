@@ -1,4 +1,4 @@
-"""L2P, Learning to Prompt (Wang et al., CVPR 2022), card §2.
+"""L2P, Learning to Prompt (Wang et al., CVPR 2022).
 
 A shared pool of ``M`` prompts with learnable keys. The query ``q(x)`` (frozen [CLS], no prompts) picks
 the ``N`` keys of highest cosine similarity; their prompts are prepended to the input tokens (prompt

@@ -1,4 +1,4 @@
-"""OnePrompt and OVOR (Huang et al., ICLR 2024), card §5.
+"""OnePrompt and OVOR (Huang et al., ICLR 2024).
 
 **OnePrompt**: one set of prefix prompts placed like DualPrompt's (G at blocks [0, 1], length 10 = 5 keys +
 5 values; E at blocks [2, 3, 4], length 40 = 20 + 20), shared by all tasks and trained on every task: no

@@ -34,7 +34,7 @@ Prefix = tuple[Tensor, Tensor]
 
 
 def split_prefix(p: Tensor) -> Prefix:
-    """The card's prefix convention: the first half of a prompt's rows are keys, the second half values."""
+    """The prefix-tuning convention: the first half of a prompt's rows are keys, the second half values."""
     length = p.shape[-2]
     if length % 2:
         raise ConfigError(f"a prefix prompt needs an even length (keys + values), got {length}")
@@ -156,7 +156,7 @@ class PromptViT(nn.Module):
         pretrained: load timm's pretrained weights (needs network access or timm's cache).
         checkpoint_path: load these local weights instead (see :func:`load_vit_checkpoint`).
         mean, std: per-channel normalisation applied after resizing (``None``: the input is used as given,
-            i.e. as the data module normalised it; the card's L2P protocol feeds pixels in [0, 1]).
+            i.e. as the data module normalised it; the L2P reference protocol feeds pixels in [0, 1]).
         **create_kwargs: timm ``create_model`` arguments (``img_size``, ``patch_size``, ``depth``,
             ``embed_dim``, ``num_heads``, ...).
 

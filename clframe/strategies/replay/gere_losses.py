@@ -38,7 +38,7 @@ def _valid(x: Tensor, mask: Tensor | None) -> Tensor:
 
 # ---------------------------------------------------------------------------- thresholds and bands
 def unit_thresholds(features: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-unit ``(mu - sigma, mu + sigma)`` over every valid token/sample (population std, as the card's
+    """Per-unit ``(mu - sigma, mu + sigma)`` over every valid token/sample (population std, as the paper's
     ``sigma = sqrt(E[r^2] - mu^2)``), computed in float64 so large sets do not lose precision."""
     r = _valid(features, mask).double()
     mu = r.mean(0)

@@ -14,7 +14,7 @@ the small :class:`ViewBatch` helper at four points and nothing else changes, so 
    and normalisation happens on the device (``preprocess``); a per-sample dataset transform would
    not know which copy is the anchor. Views leave as floats in [0, 1], which ``preprocess`` normalises.
 2. ``replay_batch``: ``m / R`` distinct buffer samples, each repeated R times and augmented the same way,
-   so the replayed rows of a step are view groups too (the card's extension to ER/DER-style buffers).
+   so the replayed rows of a step are view groups too (our extension to ER/DER-style buffers).
 3. ``capture(head)`` + ``ssl_term``: every head output of the step is recorded; since all inputs of a
    view-batch step are whole groups of R views in a row, row ``k R`` is the anchor of rows
    ``k R + 1 .. k R + R - 1``. The layout is the sampler's, passed explicitly (``views``), never
@@ -22,7 +22,7 @@ the small :class:`ViewBatch` helper at four points and nothing else changes, so 
 4. ``anchors``: only the anchor row of each group enters the buffer (the R copies are one sample), with
    the extras (DER's logits) of the anchor view.
 
-The SSL term (card 2.3): with ``p = softmax`` over the seen classes,
+The SSL term (``docs/methods/view_batch.md``): with ``p = softmax`` over the seen classes,
 ``L_vb = mean over views of KL(stopgrad(p_anchor) || p_view)``; ``kl_reduction="mean"`` also divides by
 the number of seen classes (PyTorch's element-wise mean, the reference code), ``"batchmean"`` does not.
 It is added as ``alpha * L_vb`` from task epoch ``warmup_epochs`` on (the reference: 6).
@@ -54,7 +54,7 @@ WeakAug = Literal["none", "crop_flip"]
 
 @dataclass
 class ViewBatchConfig:
-    """Switches of the view-batch model on the strategy side (the card's independent flags).
+    """Switches of the view-batch model on the strategy side (independent flags).
 
     Attributes:
         views: views per sample R; ``None`` takes the data module's ``views_per_sample`` (they must agree).

@@ -5,7 +5,7 @@ every finished task is then evaluated with its own stored mask, so the only way 
 change is through the weights under its mask. Strategies that train weights (WSN, ExSSNeT) name the
 *editable* entries: their gradients are masked after ``backward`` and, because optimizer state or
 decoupled weight decay can still move a zero-gradient entry, every other entry is restored from a
-snapshot after each optimizer step (method card §5: gradient zeroing alone is not enough).
+snapshot after each optimizer step (gradient zeroing alone is not enough: decoupled weight decay still moves them).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class SupermaskModule(ContinualModule):
         return {"density": self.hparams.density, "rule": "topk", "weight_init": "signed_constant", "score_slots": 1}
 
     def build_head(self, num_features: int, num_classes: int) -> nn.Module:
-        """A masked head: each task's mask also selects its output weights (card §6)."""
+        """A masked head: each task's mask also selects its output weights."""
         return MaskedLinear(num_features, num_classes, n_tasks=self.hparams.n_tasks, **self.layer_kwargs())
 
     def build_network(self, num_classes: int, input_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:

@@ -12,7 +12,7 @@ rest gives an accuracy ``a_i``. ``knn_best`` copies the scores of ``argmax a_i``
 when that accuracy beats chance (``1/#classes of task t``), ``knn_always`` copies it regardless,
 ``knn_all`` averages the scores of every task above chance; otherwise the scores stay random.
 
-clframe choices (method card §5): the KKT subset is a seeded random subset (not the first batches in
+clframe choices (see ``docs/methods/supermasks.md``): the KKT subset is a seeded random subset (not the first batches in
 loader order); k is capped at a tenth of the fitting samples (200 is more than tiny tasks have);
 weight decay never applies to weights, and besides gradient masking every non-editable weight is
 restored after each optimizer step; the best epoch (``keep_best``) is chosen on a real validation

@@ -6,7 +6,7 @@ any earlier task are frozen (they may be re-used, not changed); the others train
 has its own linear head. With every task evaluated under its own mask and head, old tasks cannot
 change: BWT is exactly 0 in task-incremental learning, with forward transfer through re-used weights.
 
-clframe choices (method card §5): besides zeroing the gradient of frozen weights, every frozen entry
+clframe choices (see ``docs/methods/supermasks.md``): besides zeroing the gradient of frozen weights, every frozen entry
 is restored from a snapshot after each optimizer step, so optimizer state or decoupled weight decay
 cannot move it, and weight decay is never applied to masked weights (only to scores and heads).
 The reference's plateau schedule (lr/2 after 6 epochs without improvement) cannot fire within the
