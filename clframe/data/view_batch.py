@@ -7,7 +7,7 @@ batch holds ``B / R`` distinct samples, each repeated ``R`` times in a row. The 
 it, so over a group every sample appears exactly once (as one run of ``R`` views): recall is ``R``
 times more intense and the rest between two recalls ``R`` times longer, at the same compute.
 
-Differences from the reference code, on purpose (see ``docs/methods/view-batch.md``):
+Differences from the reference code, on purpose (see ``docs/methods/view_batch.md``):
 
 * the permutation is seeded by ``(run seed, task, epoch group)``, not by the group alone, so run seeds
   and tasks differ;

@@ -82,7 +82,7 @@ class ViewBatchConfig:
     buffer_views: bool = True
 
 
-# Presets for the rows of the official README ablation table (docs/methods/view-batch.md, 2.4): the data
+# Presets for the rows of the official README ablation table (docs/methods/view_batch.md): the data
 # module's views_per_sample and the strategy's view_batch options. The reference's "VB replay" row
 # (prog-aug 1) also switches on the SSL term and noise; ``vb_replay_only`` is the clean ablation.
 PRESETS: dict[str, tuple[int, dict]] = {
