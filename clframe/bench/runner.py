@@ -194,10 +194,10 @@ def run_suite(suite: Suite, jobs: int = 1, gpus: list[str] | None = None, only: 
                 progress.show()
             progress.show(force=False)
     finally:
-        for job, proc, _ in running.values():  # interrupted: stop the runs; their last.ckpt resumes them
+        for _job, proc, _ in running.values():  # interrupted: stop the runs; their last.ckpt resumes them
             if proc.poll() is None:
                 proc.terminate()
-        for job, proc, _ in running.values():
+        for _job, proc, _ in running.values():
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
