@@ -129,6 +129,16 @@ def _write_status(job: Job, **status: object) -> None:
     path.write_text(json.dumps({**old, "label": job.run.label, "seed": job.seed, **status}, indent=1))
 
 
+def _record_finished(job: Job) -> None:
+    """Mark a run whose ``results.json`` exists as done in its ``bench.json``."""
+    try:
+        status = json.loads((job.dir / "bench.json").read_text()).get("status")
+    except (OSError, json.JSONDecodeError):
+        status = None
+    if status != "done":
+        _write_status(job, status="done")
+
+
 def run_suite(suite: Suite, jobs: int = 1, gpus: list[str] | None = None, only: list[int] | None = None,
               dry_run: bool = False, out: TextIO | None = None, poll: float = 0.5) -> int:
     """Run every unfinished job of the suite, ``jobs`` at a time; return 0 when all finished, 1 otherwise.
@@ -153,6 +163,9 @@ def run_suite(suite: Suite, jobs: int = 1, gpus: list[str] | None = None, only: 
             if job in pending:
                 print(command_line(suite, job, resume_checkpoint(job.dir)), file=sys.stdout)
         return 0
+    for job in todo:  # finished while an earlier bench was being killed: its bench.json may still say "running"
+        if job not in pending:
+            _record_finished(job)
     progress = Progress(len(todo), len(todo) - len(pending), slots, out)
     print(f"[bench] suite {suite.name}: {len(todo)} jobs, {len(todo) - len(pending)} finished already; "
           f"{slots} at a time, {threads} thread(s) each{', GPUs ' + ','.join(gpus) if gpus else ''}; out {suite.out}",
