@@ -243,7 +243,7 @@ def test_disk_full_mid_run_keeps_checkpoints_and_debug_shows_the_traceback(tmp_p
 
 def test_sigterm_mid_run_is_not_reported_as_success(tmp_path, monkeypatch, capsys):
     code, err = run_main(monkeypatch, capsys, f"--trainer.default_root_dir={tmp_path}", *FAST,
-                         "--trainer.callbacks+=tests.helpers.faults.SignalAtStep", "--trainer.callbacks.step=3")
+                         "--trainer.callbacks+=tests.helpers.signals.SignalAtStep", "--trainer.callbacks.step=3")
     assert code == 143 and "stopped by SIGTERM" in err
     assert not list(tmp_path.rglob("results.json"))
 

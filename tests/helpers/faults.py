@@ -19,14 +19,3 @@ class FailWriteAtStep(L.Callback):
         if trainer.global_step == self.step:
             path = os.path.join(trainer.default_root_dir, "metrics.csv")
             raise OSError(self.code, os.strerror(self.code), path)
-
-
-class SignalAtStep(L.Callback):
-    """Send this process ``signal`` (default SIGTERM, what a scheduler sends to preempt) at global step ``step``."""
-
-    def __init__(self, step: int, sig: int = 15) -> None:
-        self.step, self.sig = step, sig
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.sig)

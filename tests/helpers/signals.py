@@ -8,6 +8,8 @@ import lightning as L
 
 
 class SignalAtStep(L.Callback):
+    """Send this process ``sig`` (default SIGTERM, what a scheduler sends to pre-empt) at global step ``step``."""
+
     def __init__(self, step: int, sig: int = 15) -> None:
         self.step, self.sig = step, sig
 
