@@ -101,7 +101,7 @@ class ExemplarMemory(ReplayBuffer):
 
     def take(self, slots: Tensor) -> dict[str, Tensor]:
         """The inputs, labels and task ids stored in ``slots``."""
-        return {name: self._storage(name)[slots] for name in ("x", "y", "t")}
+        return {name: self._storage(name).index_select(0, slots) for name in ("x", "y", "t")}
 
     def counts(self, num_classes: int) -> Tensor:
         """Number of exemplars of each class."""

@@ -139,6 +139,7 @@ class ClassSlots:
 
     def slot_at(self, index: Tensor) -> Tensor:
         """The slots at positions ``index`` of the concatenation of all classes' slot lists (label order)."""
+        index = index.contiguous()
         ends = torch.cumsum(self.count, 0)
         c = torch.searchsorted(ends, index, right=True)
         return self.table[self.start[c] + index - (ends[c] - self.count[c])]
