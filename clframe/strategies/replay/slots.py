@@ -45,7 +45,7 @@ def draw_distinct(size: int, count: int, generator: torch.Generator) -> Tensor:
     while len(picked) < count:
         need = count - len(picked)
         fresh = torch.randint(size, (need + need // 2 + 8,), generator=generator)
-        pool = torch.cat([picked, fresh])
+        pool = torch.cat([picked, fresh]) if len(picked) else fresh
         picked = pool[first_occurrence(pool)]
     return picked[:count]
 
