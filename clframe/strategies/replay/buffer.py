@@ -137,10 +137,10 @@ class ReplayBuffer(nn.Module):
         for name, v in values.items():
             store = self._storage(name)
             new = v.index_select(0, rows_dev).to(device=dev, dtype=store.dtype)
-            if store.is_contiguous():  # the reshape below is then a view of the storage
+            if store.dim() > 1 and store.element_size() < 8 and store.is_contiguous():  # reshape: a view
                 _rows_as_words(store).index_put_((slots,), _rows_as_words(new.contiguous()))
             else:
-                store[slots] = new
+                store.index_put_((slots,), new)
 
     def _reservoir_slots(self, start: int, count: int, room: int) -> tuple[Tensor, Tensor]:
         """Slots (< room) chosen by algorithm R for stream positions start..start+count-1."""

@@ -18,6 +18,9 @@ import torch
 from torch import Tensor
 
 
+SMALL = 1024  # ranges this small are cheaper to permute than to draw from with rejection
+
+
 def first_occurrence(values: Tensor) -> Tensor:
     """Mask of the positions whose value does not occur earlier in ``values``."""
     if len(values) <= 1:
@@ -33,13 +36,14 @@ def first_occurrence(values: Tensor) -> Tensor:
 def draw_distinct(size: int, count: int, generator: torch.Generator) -> Tensor:
     """``count`` distinct integers of ``0..size-1``, uniformly without replacement and in random order.
 
-    Dense draws (``count > size / 2``) take a permutation of the range, which then costs O(count).
+    Dense draws (``count > size / 2``) and small ranges (up to ``SMALL`` values) take a permutation of
+    the range, which then costs O(count), or a few microseconds.
     Sparse draws take uniform integers with replacement and keep each value's first occurrence:
     the order of first appearances in an i.i.d. uniform stream is a uniform ordered sample without
     replacement, and at most half the range taken, about ``count * 1.4`` draws suffice.
     """
     count = min(count, size)
-    if 2 * count > size:
+    if 2 * count > size or size <= SMALL:
         return torch.randperm(size, generator=generator)[:count]
     picked = torch.empty(0, dtype=torch.long)
     while len(picked) < count:
