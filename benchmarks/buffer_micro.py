@@ -7,8 +7,9 @@ id), both policies: the time of ``add(B)`` (stream position just past the capaci
 accepts about as many samples as it ever does once full; and at ten times the capacity seen) and of
 ``sample(B)``, as the median of interleaved blocks (and the minimum), next to the time of one training
 step of an MLP on ``B`` new + ``B`` replayed samples (forward, backward, SGD), so each cost is also a
-share of a step (of the medians, and of the minima: on a shared machine the minimum of a block is
-the least disturbed measurement of it). Two settings: ``B = 128`` with the MLP 784-400-400-10 of ``benchmarks/overhead.py``,
+share of a step (of the medians, and of the minima). Times are the thread's CPU time
+(``time.thread_time``), not wall time: on a shared machine a process waits for a core for whole
+scheduler slices, which would inflate the long MLP step far more than the short buffer calls. Two settings: ``B = 128`` with the MLP 784-400-400-10 of ``benchmarks/overhead.py``,
 and ``B = 10`` with the MLP 784-100-100-10 of the ER Split-MNIST config (``configs/split_mnist/er.yaml``).
 ``--baseline REF`` also times the ``ReplayBuffer`` of git revision ``REF`` (loaded from
 ``git show REF:clframe/strategies/replay/buffer.py``) in the same rounds, so before and after are
@@ -83,10 +84,12 @@ def filled(cls: type, capacity: int, policy: str) -> ReplayBuffer:
 
 
 def timed_block(fn: Callable[[], Any], number: int) -> float:
-    t0 = time.perf_counter()
+    """Seconds of this thread's CPU time per call (all work runs on it with one torch thread), so time
+    spent waiting for a core on a shared machine is not counted."""
+    t0 = time.thread_time()
     for _ in range(number):
         fn()
-    return (time.perf_counter() - t0) / number
+    return (time.thread_time() - t0) / number
 
 
 def mlp_step_fn(n: int, hidden: tuple[int, int]) -> Callable[[], None]:

@@ -163,38 +163,39 @@ class ReplayBuffer(nn.Module):
         (algorithm R over the class's own stream) for one of the class's ``quota`` slots. A few
         tensor operations on the batch and on per-label vectors; no scan of the storage."""
         book = self._slots
-        y = values["y"].cpu()  # the batch's labels: the one transfer the bookkeeping needs
-        n_labels = max(len(self.class_seen), len(book.count), int(y.max()) + 1)
+        # rows grouped by label, stream order within a label; the labels are the one transfer needed
+        ys, order = torch.sort(values["y"].cpu(), stable=True)
+        n_labels = max(len(self.class_seen), len(book.count), int(ys[-1]) + 1)
         if len(self.class_seen) < n_labels:
             grown = torch.zeros(n_labels, dtype=torch.long, device=self.class_seen.device)
             grown[: len(self.class_seen)] = self.class_seen
             self.class_seen = grown
         book.grow(n_labels)
         seen = self.class_seen.cpu()  # read only (on the host this is the buffer itself)
-        ys, order = torch.sort(y, stable=True)  # rows grouped by label, stream order within a label
-        per_label = torch.bincount(ys, minlength=n_labels)
-        if bool(((per_label > 0) & (seen == 0)).any()):  # new classes: a smaller quota for everyone
-            quota = self._rebalance(((per_label > 0) | (seen > 0)).nonzero().flatten())
-        else:
-            quota = self.capacity // max(1, int((seen > 0).sum()))
-        rank = torch.arange(len(y)) - (per_label.cumsum(0) - per_label)[ys]  # a row's rank in its class here
-        pos = seen[ys] + rank  # its position in its class's stream
+        seen_ys = seen[ys]
+        if bool((seen_ys == 0).any()):  # new classes: a smaller quota for everyone
+            arrived = seen > 0
+            arrived[ys] = True
+            self._rebalance(arrived.nonzero().flatten())
+        quota = book.quota
+        rank = torch.arange(len(ys)) - torch.searchsorted(ys, ys)  # a row's rank among its class's rows here
+        pos = seen_ys + rank  # its position in its class's stream
         # algorithm R over the class's stream: position p takes entry floor(u * (p + 1)) of the class's list
-        entry = torch.rand(len(y), generator=self.generator, dtype=torch.float64).mul_(pos + 1).floor_().long()
+        entry = (torch.rand(len(ys), generator=self.generator, dtype=torch.float64) * (pos + 1)).long()
         entry = torch.where(pos < quota, pos, entry)
-        n_fill = torch.minimum((quota - book.count).clamp_(min=0), per_label)
-        filling = int(n_fill.sum())
+        held = book.count[ys]
+        fill = rank < quota - held
+        filling = int(fill.sum())
         if filling:  # rows of classes below the quota append the lowest free slots to their class's list
-            fill = rank < n_fill[ys]
-            entry = torch.where(fill, book.count[ys] + rank, entry)
+            entry = torch.where(fill, held + rank, entry)
             book.table[book.start[ys[fill]] + entry[fill]] = book.pop_free(filling)
-            book.count += n_fill
+            book.count.index_add_(0, ys[fill], torch.ones(filling, dtype=torch.long))
         hit = entry < quota
         # in (label, stream) order, so a later row of a class overwrites an earlier one's slot, never the reverse
         slots = book.table[book.start[ys[hit]] + entry[hit]]
         if len(slots):
             self._write(slots, order[hit], values)
-        self.class_seen += per_label.to(self.class_seen.device)
+        self.class_seen += torch.bincount(ys, minlength=n_labels).to(self.class_seen.device)
 
     def _rebalance(self, classes: Tensor) -> int:
         """Shrink every class above the new quota to it by random evictions, and lay the class
@@ -215,7 +216,7 @@ class ReplayBuffer(nn.Module):
             gone = torch.cat(evicted)
             self.data_y[gone.to(self.data_y.device)] = -1
             book.release(gone)
-        return book.layout(classes)
+        book.layout(classes)
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:

@@ -71,6 +71,7 @@ class ClassSlots:
         self.table = torch.zeros(capacity, dtype=torch.long)
         self.free = torch.arange(capacity - 1, -1, -1)
         self.n_free = capacity
+        self.quota = capacity  # slots per class: capacity // number of classes laid out
 
     def __len__(self) -> int:
         """Occupied slots."""
@@ -114,9 +115,9 @@ class ClassSlots:
             self.count = torch.cat([self.count, torch.zeros(extra, dtype=torch.long)])
             self.start = torch.cat([self.start, torch.zeros(extra, dtype=torch.long)])
 
-    def layout(self, classes: Tensor) -> int:
-        """Give each of ``classes`` (sorted labels) a segment of ``max(quota, count)`` entries; returns the quota."""
-        quota = self.capacity // max(1, len(classes))
+    def layout(self, classes: Tensor) -> None:
+        """Set the quota for ``classes`` (sorted labels) and give each a segment of ``max(quota, count)`` entries."""
+        quota = self.quota = self.capacity // max(1, len(classes))
         counts = self.count[classes]
         seg = counts.clamp(min=quota)
         new_start = torch.zeros_like(self.start)
@@ -126,7 +127,6 @@ class ClassSlots:
         offset = torch.arange(len(members)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         table[new_start[members] + offset] = self.table[self.start[members] + offset]
         self.table, self.start = table, new_start
-        return quota
 
     # ------------------------------------------------------------------ queries and updates
     def slots_of(self, c: int) -> Tensor:
@@ -165,11 +165,12 @@ class ClassSlots:
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         return {"count": self.count.clone(), "start": self.start.clone(), "table": self.table.clone(),
-                "free": self.free.clone(), "n_free": self.n_free}
+                "free": self.free.clone(), "n_free": self.n_free, "quota": self.quota}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], capacity: int) -> ClassSlots:
         out = cls(capacity)
         out.count, out.start = state["count"].clone(), state["start"].clone()
         out.table, out.free, out.n_free = state["table"].clone(), state["free"].clone(), int(state["n_free"])
+        out.quota = int(state["quota"])
         return out
