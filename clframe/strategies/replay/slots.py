@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
 SMALL = 1024  # ranges this small are cheaper to permute than to draw from with rejection
 
 
