@@ -197,10 +197,9 @@ class ReplayBuffer(nn.Module):
             self._write(slots, order[hit], values)
         self.class_seen += torch.bincount(ys, minlength=n_labels).to(self.class_seen.device)
 
-    def _rebalance(self, classes: Tensor) -> int:
+    def _rebalance(self, classes: Tensor) -> None:
         """Shrink every class above the new quota to it by random evictions, and lay the class
-        segments out again for ``classes`` (the sorted labels seen); returns the quota. O(capacity),
-        once per new class."""
+        segments out again for ``classes`` (the sorted labels seen). O(capacity), once per new class."""
         book = self._slots
         quota = self.capacity // len(classes)
         evicted = []

@@ -93,9 +93,7 @@ class ClassSlots:
         occupied = (labels >= 0).nonzero().flatten()
         lab = labels[occupied]
         n_labels = max(len(class_seen), int(lab.max()) + 1 if len(lab) else 0)
-        out.grow(n_labels)
         out.count = torch.bincount(lab, minlength=n_labels)
-        out.start = torch.zeros(n_labels, dtype=torch.long)
         order = torch.argsort(lab, stable=True)
         out.table = occupied[order]  # grouped by class, exact-size segments; layout() spreads them out
         out.start = torch.cumsum(out.count, 0) - out.count
