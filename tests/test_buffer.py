@@ -328,7 +328,7 @@ def test_unknown_policy_raises() -> None:
 def test_draw_distinct_is_a_uniform_draw_without_replacement() -> None:
     """Every value is equally likely at every place of the draw (sparse path: rejection of repeats)."""
     gen = torch.Generator().manual_seed(0)
-    size, count, n = 2000, 5, 4000
+    size, count, n = 2000, 5, 2500
     hits = torch.zeros(count, 20, dtype=torch.long)  # per place: values in 20 bins of 100
     for _ in range(n):
         d = draw_distinct(size, count, gen)
