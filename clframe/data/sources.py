@@ -397,18 +397,25 @@ def _decoded(split: _Split, channels: int | None, image_size: int | None) -> Ite
         fast = _decode_jpeg_chunk(chunk, channels)
         for j, (src, arr) in enumerate(zip(chunk, fast, strict=True)):
             try:
-                if arr is None:
-                    arr = _decode_one(src, channels, image_size)
-                elif image_size is not None and arr.shape[:2] != (image_size, image_size):
-                    if arr.shape[2] == 1 and channels == 3:  # as PIL: grey to RGB first, then resize
-                        arr = np.repeat(arr, 3, axis=2)
-                    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-                    arr = np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR))
-                    arr = arr[:, :, None] if arr.ndim == 2 else arr
+                arr = _decode_one(src, channels, image_size) if arr is None else _finish(arr, channels, image_size)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 raise DataSourceError(f"cannot decode image {split.describe(start + j)} ({type(e).__name__}: {e}); "
                                       "remove or fix that file") from e
             yield arr
+
+
+def _finish(arr: np.ndarray, channels: int | None, image_size: int | None) -> np.ndarray:
+    """A torchvision-decoded image brought to what :func:`_decode_one` returns: grey made RGB when asked
+    (before resizing, as PIL converts first), then PIL's bilinear resize if the size differs."""
+    from PIL import Image
+
+    if arr.shape[2] == 1 and channels == 3:
+        arr = np.repeat(arr, 3, axis=2)
+    if image_size is None or arr.shape[:2] == (image_size, image_size):
+        return arr
+    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    out = np.asarray(img.resize((image_size, image_size), Image.Resampling.BILINEAR))
+    return out[:, :, None] if out.ndim == 2 else out
 
 
 def _jpeg_bytes(src: bytes | str | Path) -> bytes | None:
