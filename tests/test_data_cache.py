@@ -250,3 +250,21 @@ def test_data_module_serves_cached_data_through_worker_processes(fake_cifar: Pat
     for a, b in zip(in_process, workers, strict=True):
         assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert len(entries(tmp_path / "cache")) == 1
+
+
+def test_first_decode_writes_images_straight_into_the_entry(fake_cifar: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The images are decoded into the entry's memory-mapped file (no whole copy in memory), not saved after."""
+    saved: list[str] = []
+    real_save = np.save
+    monkeypatch.setattr(np, "save", lambda path, *a, **k: (saved.append(Path(path).name), real_save(path, *a, **k)))
+    data = load_source("cifar10", root=fake_cifar, cache=str(tmp_path / "cache"))
+    assert sorted(saved) == ["test_y.npy", "train_y.npy"]
+    assert data.train_x.shape == (20, 3, 32, 32) and not list((tmp_path / "cache").glob(".*"))
+
+
+def test_failed_decode_leaves_no_temporary_folder(fake_cifar: Path, tmp_path: Path) -> None:
+    write_split(fake_cifar / "cifar10-jpeg" / "test.parquet", [jpeg(1)[:50]] * 10, list(range(10)))
+    with pytest.raises(sources.DataSourceError, match="cannot decode image row 0 of"):
+        load_source("cifar10", root=fake_cifar, cache=str(tmp_path / "cache"))
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -33,6 +33,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,34 @@ _OFF = frozenset({"0", "off", "false", "no", "none", ""})
 _ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 _STALE_TMP_S = 3600.0  # a temporary folder this old belongs to a run that was killed mid-write
 _setting: ContextVar[CacheSetting] = ContextVar("clframe_data_cache", default=None)
+_target: ContextVar[_Target | None] = ContextVar("clframe_decode_target", default=None)
+
+
+@dataclass
+class _Target:
+    """The temporary folder of the entry being decoded, and the image files already decoded into it."""
+
+    folder: Path
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def new_image_array(split: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised uint8 array for one split's decoded images. While a cached load decodes, it is the
+    entry's own ``.npy`` file, memory-mapped, so even the first decode never holds a whole data set in memory."""
+    target = _target.get()
+    if target is not None:
+        path = target.folder / f"{split}_x.npy"
+        try:
+            arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+            if hasattr(os, "posix_fallocate"):  # reserve the blocks now: a full disk is then an OSError here,
+                with open(path, "r+b") as f:    # not a SIGBUS when a page of the (sparse) map is written
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError:
+            pass  # e.g. a full disk: decode into memory; writing the entry then reports the problem
+        else:
+            target.arrays[f"{split}_x"] = arr
+            return arr
+    return np.empty(shape, dtype=np.uint8)
 
 
 @contextlib.contextmanager
@@ -121,14 +150,23 @@ def cached_source(
     data = read_entry(entry)
     if data is not None:
         return data
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data = build()
+    target = _new_target(entry)
+    token = _target.set(target)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = build()
+    except BaseException:
+        if target is not None:
+            shutil.rmtree(target.folder, ignore_errors=True)
+        raise
+    finally:
+        _target.reset(token)
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     for w in caught:  # shown now, and again on every cached load (the build's warnings describe the data)
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     try:
-        write_entry(entry, data, notes)
+        write_entry(entry, data, notes, target)
     except OSError as e:
         warnings.warn(f"could not write the decoded-data cache {entry} ({type(e).__name__}: {e}); the data set will "
                       f"be decoded again next time. Set {ENV_VAR} to a writable folder (or 0 to turn the cache off).",
@@ -139,18 +177,36 @@ def cached_source(
         return read_entry(entry) or data
 
 
-def write_entry(entry: Path, data: Any, notes: Sequence[str] = ()) -> None:
-    """Write ``data`` as a complete entry in a temporary folder, then rename it into place atomically."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(entry)
-    tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+def _new_target(entry: Path) -> _Target | None:
+    """A fresh temporary folder beside the entry (None when it cannot be made: the build then runs in memory)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(entry)
+        tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError:
+        return None
+    return _Target(tmp)
+
+
+def write_entry(entry: Path, data: Any, notes: Sequence[str] = (), target: _Target | None = None) -> None:
+    """Write ``data`` as a complete entry in a temporary folder, then rename it into place atomically.
+    Images already decoded into ``target``'s files are flushed there, not written again."""
+    target = target or _new_target(entry)
+    if target is None:
+        entry.parent.mkdir(parents=True, exist_ok=True)  # raises the reason
+        raise OSError(f"cannot create a temporary folder in {entry.parent}")
+    tmp = target.folder
     try:
         shapes = {}
         for key in _ARRAYS:
-            arr = np.ascontiguousarray(getattr(data, key).numpy())
-            np.save(tmp / f"{key}.npy", arr, allow_pickle=False)
-            shapes[key] = list(arr.shape)
+            tensor, written = getattr(data, key), target.arrays.get(key)
+            if written is not None and tensor.data_ptr() == written.ctypes.data and tensor.shape == written.shape:
+                written.flush()
+            else:  # unlink first: a file still mapped must never be truncated under its map
+                (tmp / f"{key}.npy").unlink(missing_ok=True)
+                np.save(tmp / f"{key}.npy", np.ascontiguousarray(tensor.numpy()), allow_pickle=False)
+            shapes[key] = list(tensor.shape)
         meta = {"version": DECODE_VERSION, "name": data.name, "class_names": list(data.class_names),
                 "mean": list(data.mean), "std": list(data.std), "shapes": shapes, "notes": list(notes)}
         (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")

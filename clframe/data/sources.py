@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clframe.data.cache import CacheSetting, cache_setting, cached_source
+from clframe.data.cache import CacheSetting, cache_setting, cached_source, new_image_array
 from clframe.errors import ClframeError
 
 ENV_VAR = "CLFRAME_DATA"
@@ -371,7 +371,7 @@ def _decode_images(
                     "pass image_size=<int> to resize every image to one square size"
                 )
             if out is None:
-                out = np.empty((len(split.images), 1 if channels == 1 else 3, *first[1]), dtype=np.uint8)
+                out = new_image_array(split_name, (len(split.images), 1 if channels == 1 else 3, *first[1]))
             all_grey &= arr.shape[2] == 1
             out[i] = arr.transpose(2, 0, 1)  # a grey image broadcasts to R = G = B, as PIL's L -> RGB does
         outs.append(out)
