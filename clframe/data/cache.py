@@ -10,6 +10,12 @@ back takes well under a second. A cache entry is a folder of plain ``.npy`` file
   edit stays private to the process, never reaching the file;
 * nothing read can run code: ``allow_pickle=False`` and JSON metadata.
 
+The first decode writes straight into the entry's memory-mapped image files (file-backed pages the kernel
+can write out), so it does not need a second in-memory copy. What still copies the images into memory:
+``image_size`` (resizing), ``tasks="corruption"`` (corrupted copies are made once), and a GPU-resident
+data set. Never edit an entry's files in place while a run maps them (a truncated mapped file faults);
+delete the folder instead, which is safe at any time.
+
 The entry's name holds a key over the source name, its options, :data:`DECODE_VERSION` with the decoding
 libraries' versions, and the sizes and modification times of the source files, so a changed file or a
 changed decoder gets a new entry. An entry is written into a temporary folder and renamed into place in
