@@ -276,6 +276,23 @@ def test_report_from_json_reads_the_results_file_of_an_earlier_script(tmp_path, 
     assert "no field for --key" in capsys.readouterr().err
 
 
+STORED = [("stability_gap", "stability_gap.json", "{run}", "1"), ("hyperinterval", "hyperinterval.json", "{job}", "2"),
+          ("supermask", "supermask.json", "{job}", "2"), ("supermask_density", "supermask.json", "{job}", "2"),
+          ("view_batch", "view_batch.json", "{benchmark}_{variant}", "2"), ("prompt", "prompt.json", "{config}", "2"),
+          ("intact", "intact.json", "{benchmark}_{config}", "2"), ("prompt_intact", "prompt_intact.json", "{config}", "2")]
+
+
+@pytest.mark.parametrize("suite, stored, key, digits", STORED)
+def test_results_tables_are_the_reports_of_the_stored_runs(suite, stored, key, digits, tmp_path, capsys):
+    """benchmarks/RESULTS.md shows, row for row, what `clframe report --from-json` makes of the stored runs."""
+    assert bench_main(["report", str(ROOT / f"benchmarks/suites/{suite}.yaml"), "--from-json",
+                       str(ROOT / f"benchmarks/results/{stored}"), "--key", key, "--digits", digits,
+                       "--report-dir", str(tmp_path), "--no-plots"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    results = (ROOT / "benchmarks/RESULTS.md").read_text().splitlines()
+    assert len(table) > 2 and [line for line in table if line not in results] == []
+
+
 def test_compare_shows_config_differences_metrics_and_matrices(fake_fit):
     suite = load_suite(_suite_file(fake_fit, seeds=[0]))
     runner.run_suite(suite, poll=0.05, out=open(os.devnull, "w"))
