@@ -399,8 +399,6 @@ class ContinualTrainer(L.Trainer):
 
     def _resume_point(self, ckpt_path: str | Path) -> int:
         path = Path(ckpt_path)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .ckpt file written by this run")
         ckpt = load_checkpoint(path, trust=self.trust_checkpoints)
         state = ckpt.get("callbacks", {}).get(StreamProgress.state_key)
         if state is None:
