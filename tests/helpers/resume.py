@@ -140,8 +140,8 @@ def run_case(case: Case, root: Path, ckpt_path: Path | None = None, save: L.Call
     model = case.make_model()
     probe = StateProbe()
     callbacks = [*case.callbacks(), probe] + ([save] if save is not None else [])
-    trainer = ContinualTrainer(default_root_dir=root, callbacks=callbacks, enable_checkpointing=False,
-                               **QUIET, **case.trainer)
+    trainer = ContinualTrainer(default_root_dir=root, callbacks=callbacks,
+                               **{"enable_checkpointing": False, **QUIET, **case.trainer})
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return Run(trainer, model, probe, trainer._checkpoint_connector.dump_checkpoint())
 
