@@ -24,7 +24,7 @@ from clframe.checkpoints import load_checkpoint, verify_checkpoint, write_checkp
 from clframe.cli import main, run_cli
 from clframe.errors import CheckpointError
 from tests.conftest import QUIET_TRAINER
-from tests.helpers.resume import Case, assert_resumed_exactly, run_case
+from tests.helpers.resume import Case, assert_resumed_exactly, assert_same_matrix_and_weights, run_case
 from tests.helpers.signals import SignalAtStep, SignalInValidation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,10 +276,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path):
         _run(tmp_path / "killed", tmp_path / "ck", callbacks=[SignalAtStep(5)])
     assert exit_.value.code == 143
     assert load_checkpoint(tmp_path / "ck" / "last.ckpt")["global_step"] == 5
-    resumed, model = _run(tmp_path / "killed", tmp_path / "ck", ckpt_path="last")
-    np.testing.assert_array_equal(resumed.accuracy_matrix, full.accuracy_matrix)
-    for (name, x), (_, y) in zip(full_model.state_dict().items(), model.state_dict().items(), strict=True):
-        assert not isinstance(x, torch.Tensor) or torch.equal(x, y), name
+    assert_same_matrix_and_weights((full, full_model), _run(tmp_path / "killed", tmp_path / "ck", ckpt_path="last"))
 
 
 def test_sigterm_saves_last_ckpt_even_without_save_last(tmp_path):
