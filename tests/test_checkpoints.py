@@ -313,24 +313,27 @@ class Validations(L.Callback):
 
 
 def _with(case: Case, *callbacks: L.Callback, **trainer_kw) -> Case:
-    return dataclasses.replace(case, trainer={**case.trainer, **trainer_kw}, callbacks=lambda: list(callbacks))
+    return dataclasses.replace(case, trainer={**case.trainer, **trainer_kw},
+                               callbacks=lambda: [*case.callbacks(), *callbacks])
 
 
-@pytest.mark.parametrize(("run", "batch"), [(1, 1), (3, 2), (5, 0)],
-                         ids=["first epoch", "after task 0", "last epoch of task 1"])
-def test_sigterm_during_validation_saves_a_checkpoint_that_resumes_exactly(tmp_path, run, batch):
+@pytest.mark.parametrize(("run", "batch", "every"), [(1, 1, 1.0), (3, 2, 1.0), (5, 0, 1.0), (1, 1, 0.5)],
+                         ids=["first epoch", "after task 0", "last epoch of task 1", "mid-epoch"])
+def test_sigterm_during_validation_saves_a_checkpoint_that_resumes_exactly(tmp_path, run, batch, every):
     """SIGTERM while a validation runs (Lightning stops after the running validation batch): 143, a
     last.ckpt, and a resumed run that validates again from that validation on and ends bit for bit where the
-    uninterrupted one does. Validations 1, 2, 4, 5 are the fit's epoch ends; 3 is the evaluation after task 0."""
+    uninterrupted one does. Validations 1, 2, 4, 5 are the fit's epoch ends; 3 is the evaluation after task 0;
+    with ``val_check_interval=0.5``, 1 is in the middle of the first epoch."""
+    case = _with(VALIDATED, val_check_interval=every)
     full_log, killed_log, resumed_log = Validations(), Validations(), Validations()
-    full = run_case(_with(VALIDATED, full_log), tmp_path / "full")
-    killed = _with(VALIDATED, ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=0), SignalInValidation(run, batch),
+    full = run_case(_with(case, full_log), tmp_path / "full")
+    killed = _with(case, ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=0), SignalInValidation(run, batch),
                    killed_log, enable_checkpointing=True)
     with pytest.raises(SystemExit) as exit_:
         run_case(killed, tmp_path / "killed")
     assert exit_.value.code == 143 and len(killed_log.done) == run - 1
     # save_top_k=0 and no save_last: only the SIGTERM handler writes last.ckpt
-    resumed = run_case(_with(VALIDATED, resumed_log), tmp_path / "resumed", ckpt_path=tmp_path / "ck" / "last.ckpt")
+    resumed = run_case(_with(case, resumed_log), tmp_path / "resumed", ckpt_path=tmp_path / "ck" / "last.ckpt")
     assert_resumed_exactly(full, resumed, f"resumed from SIGTERM in validation {run}")
     assert resumed_log.done == full_log.done[run - 1:]  # the interrupted validation ran again, and each one once
 

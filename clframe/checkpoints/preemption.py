@@ -10,10 +10,10 @@ A SIGTERM can also land while a validation runs; Lightning then stops after the 
 A checkpoint of that moment would tell Lightning's restore that the validation had finished (its counters
 look like those of a save after validation), so the resumed run would skip it: the epoch's ``val/*``
 metrics, a monitored checkpoint's candidate and a ``keep_best`` strategy's snapshot would be lost. So the
-checkpoint is written as the run stood before the validation began: the fit's validation is rewound to
-the end of the training batch that preceded it (the position a checkpoint in ``on_train_batch_end``
-records, which resumes by running that validation), and the evaluation after a task to the task's end,
-before its accuracy rows, so the resumed run evaluates the task again and appends each row once.
+checkpoint records the fit's validation as started but not through its first batch, which Lightning's
+restore reads as a stop inside it and runs again in full before training on (at an epoch's end or
+mid-epoch alike); and the evaluation after a task is rewound to the task's end, before its accuracy rows,
+so the resumed run evaluates the task again and appends each row once.
 """
 
 from __future__ import annotations
@@ -66,17 +66,16 @@ def _in_task_evaluation(trainer: L.Trainer) -> bool:
 
 
 def _rewind_validation(trainer: L.Trainer) -> None:
-    """Put the fit's loops where they stood before the running validation: its batches uncounted, and the
-    training batch before it processed but not completed (Lightning completes it, then validates)."""
-    epoch_loop = trainer.fit_loop.epoch_loop
-    val = epoch_loop.val_loop.batch_progress
+    """Count the running validation as started but not yet through its first batch: Lightning's restore reads
+    that as a stop inside the validation, and runs the whole validation again before it trains on."""
+    val = trainer.fit_loop.epoch_loop.val_loop.batch_progress
     for name in ("ready", "started", "processed", "completed"):
         setattr(val.total, name, getattr(val.total, name) - getattr(val.current, name))
     val.current.reset()
+    for counts in (val.total, val.current):
+        counts.ready += 1
+        counts.started += 1
     val.is_last_batch = False
-    batches = epoch_loop.batch_progress
-    batches.total.completed -= 1
-    batches.current.completed -= 1
 
 
 def _rewind_task_evaluation(trainer: L.Trainer) -> None:
