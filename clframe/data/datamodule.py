@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clframe.data.augment import TransformSpec, build_pipeline
 from clframe.data.resize import check_resize, resize_source
-from clframe.data.samplers import EpochShuffleSampler, PerTaskBatchSampler, ShardSampler
+from clframe.data.samplers import EpochShuffleSampler, PerTaskBatchSampler, TaskBatchSampler
 from clframe.data.scenarios import (
     ScenarioError,
     check_unused_options,
@@ -37,6 +37,9 @@ class ConcatTaskDataset(Dataset):
     def __getitems__(self, positions: Sequence[int]) -> Batch:
         pos = torch.as_tensor(positions, dtype=torch.long)
         which = torch.searchsorted(self.offsets, pos, right=True) - 1
+        if len(pos) and bool((which == which[0]).all()):  # one task (evaluation)
+            d = int(which[0])
+            return self.datasets[d].__getitems__(pos - self.offsets[d])
         parts, order = [], []
         for d in which.unique().tolist():
             sel = (which == d).nonzero().flatten()
@@ -84,8 +87,8 @@ class ContinualDataModule(L.LightningDataModule):
 
     ``train_dataloader`` serves the current task (or every seen task when a strategy such as Joint
     sets ``train_scope="seen"``; ``joint_batches="per_task"`` then puts ``batch_size`` samples of
-    each seen task in every batch); ``val/test_dataloader`` serve one loader per seen task, in task
-    order, so ``dataloader_idx`` equals the task id. Batches are ``(uint8 x, label, task id)``;
+    each seen task in every batch); ``val/test_dataloader`` serve the seen tasks as one loader of
+    single-task batches, in task order (every batch carries its task id). Batches are ``(uint8 x, label, task id)``;
     strategies scale and normalise on the device (`normalize=False`: scale to [0, 1] only).
     ``tasks`` says how tasks differ: ``split`` (each task a subset of the classes; the default for class-
     and task-incremental streams), ``permutation``, ``rotation`` (``angles``), ``datasets``
@@ -242,14 +245,16 @@ class ContinualDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+    def _tasks_eval_loader(self, datasets: Sequence[Dataset]) -> DataLoader:
+        """One loader over several tasks' evaluation data: per-task batches, task after task
+        (:class:`TaskBatchSampler`), so one evaluation loop serves every task; batches carry their task ids."""
         workers = self.hparams.num_workers
         rank, world = self.shard()
         return DataLoader(
-            dataset, batch_size=self.hparams.eval_batch_size, num_workers=workers,
-            sampler=ShardSampler(len(dataset), rank, world) if world > 1 else None,
-            collate_fn=passthrough_collate, persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available() and workers > 0, generator=self._private_generator(),
+            ConcatTaskDataset(datasets), num_workers=workers, collate_fn=passthrough_collate,
+            batch_sampler=TaskBatchSampler([len(d) for d in datasets], self.hparams.eval_batch_size, rank, world),
+            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available() and workers > 0,
+            generator=self._private_generator(),
         )
 
     def _private_generator(self) -> torch.Generator:
@@ -299,13 +304,17 @@ class ContinualDataModule(L.LightningDataModule):
         """Whether the tasks hold validation splits (``val_fraction > 0``, or a stream built with them)."""
         return any(t.val is not None and len(t.val) > 0 for t in self.stream.tasks)
 
-    def val_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(t.val) for t in self._eval_tasks() if t.val is not None]
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The seen tasks' validation data as one loader (see :meth:`test_dataloader`); ``[]`` without any."""
+        held_out = [t.val for t in self._eval_tasks() if t.val is not None]
+        return self._tasks_eval_loader(held_out) if held_out else []
 
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(t.test) for t in self._eval_tasks()]
+    def test_dataloader(self) -> DataLoader:
+        """The seen tasks' test data as one loader of single-task batches, in task order (one evaluation
+        loop for any number of tasks; the batches are those of one loader per task, one after the other)."""
+        return self._tasks_eval_loader([t.test for t in self._eval_tasks()])
 
-    def predict_dataloader(self) -> list[DataLoader]:
+    def predict_dataloader(self) -> DataLoader:
         """The seen tasks' test data (``clframe predict``); batches carry their task ids."""
         return self.test_dataloader()
 
