@@ -131,6 +131,12 @@ class ContinualModule(L.LightningModule):
         if num_classes is not None and input_shape is not None and scenario is not None:
             self._build(num_classes, tuple(input_shape), scenario)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_current_fx_name":  # Lightning sets it twice per hook call: a plain string, never a tensor
+            object.__setattr__(self, name, value)  # or submodule, so nn.Module's checks (~3 us) are skipped
+        else:
+            super().__setattr__(name, value)
+
     # ------------------------------------------------------------------ construction
     def build_network(self, num_classes: int, input_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:
         """The backbone and the head; strategies with their own layer types (supermasks) override this."""
