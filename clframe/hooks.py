@@ -41,6 +41,8 @@ class PassThrough(PassThroughProfiler):
 
 
 def _shadow(obj: Any, base: type, shadowed: list[tuple[Any, str]]) -> None:
+    if not hasattr(obj, "__dict__"):  # a slotted object: nothing to shadow with
+        return
     for name in PER_BATCH_HOOKS:
         if name in vars(obj) or not hasattr(base, name):
             continue  # set on the instance by its owner: leave it alone
