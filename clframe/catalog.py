@@ -10,8 +10,12 @@ import importlib
 import inspect
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from clframe.strategies.base import ContinualModule
+from clframe import static_catalog
+
+if TYPE_CHECKING:
+    from clframe.strategies.base import ContinualModule
 
 # Packages whose strategies are listed; importing them registers their ContinualModule subclasses.
 STRATEGY_PACKAGES = ("clframe.strategies", "clframe.strategies.interval", "clframe.strategies.prompt")
@@ -28,13 +32,10 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3].rsplit(" ", 1)[0] + " ..."
 
 
-def _first_line(obj: object) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
-
-
 def strategies() -> dict[str, type[ContinualModule]]:
     """The strategies the strategy packages export (``__all__``), by class name, in name order."""
+    from clframe.strategies.base import ContinualModule
+
     found: dict[str, type[ContinualModule]] = {}
     for package in STRATEGY_PACKAGES:
         try:
@@ -80,14 +81,15 @@ def example_configs() -> list[str]:
 
 
 def describe() -> str:
-    """The catalogue as plain text for ``clframe --help``."""
+    """The catalogue as plain text for ``clframe --help``; read from the source files (see
+    :mod:`clframe.static_catalog`), so the help needs neither Lightning nor torch."""
     lines = ["strategies (--model=<name>, or model.class_path in a config):"]
-    found = strategies()
+    found = static_catalog.strategy_summaries(STRATEGY_PACKAGES)
     width = max(16, *(len(name) + 2 for name in found))
-    for name, cls in found.items():
-        lines.append(f"  {name:<{width}}{_shorten(_first_line(cls), 100 - width)}")
+    for name, summary in found.items():
+        lines.append(f"  {name:<{width}}{_shorten(summary, 100 - width)}")
     lines += ["", "data sources (--data.source=<name>; offline root: $CLFRAME_DATA or --data.data_root):",
-              "  " + ", ".join(source_names()),
+              "  " + ", ".join(static_catalog.source_names()),
               "", "scenarios (--data.scenario=<name>):"]
     lines += [f"  {name:<16}{text}" for name, text in SCENARIOS.items()]
     configs = example_configs()

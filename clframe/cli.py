@@ -24,17 +24,13 @@ from clframe import catalog, reporting
 from clframe.config_tags import refuse_python_tags
 from clframe.data.datamodule import ContinualDataModule
 from clframe.diagnose import chain, debug_requested, explain, explain_parser_value
+from clframe.entry import DESCRIPTION
 from clframe.errors import ClframeError, ConfigError
 from clframe.strategies.base import ContinualModule
 from clframe.trainer import ContinualTrainer
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SEED_MAX = 2**32 - 1
-DESCRIPTION = ("clframe: continual learning on PyTorch Lightning.\n"
-               "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.\n"
-               "Suites of runs (methods x seeds): `clframe bench SUITE.yaml --jobs N`, `clframe report SUITE.yaml`, "
-               "`clframe compare RUN_DIR...` (see `clframe bench --help`).\n"
-               "Errors end in one paragraph; add --debug (or set CLFRAME_DEBUG=1) to see the full traceback.")
 
 
 class _CatalogHelpFormatter(DefaultHelpFormatter):
