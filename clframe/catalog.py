@@ -80,16 +80,25 @@ def example_configs() -> list[str]:
                   if p.parent.name not in ("sweeps", "loggers") and p.parent != root)
 
 
-def describe() -> str:
-    """The catalogue as plain text for ``clframe --help``; read from the source files (see
-    :mod:`clframe.static_catalog`), so the help needs neither Lightning nor torch."""
-    lines = ["strategies (--model=<name>, or model.class_path in a config):"]
+def strategy_summaries() -> dict[str, str]:
+    """{strategy: first line of its docstring}, read from the source files (see :mod:`clframe.static_catalog`)
+    so that ``clframe --help`` needs neither Lightning nor torch; from the imported classes when the
+    install ships no source files."""
     found = static_catalog.strategy_summaries(STRATEGY_PACKAGES)
+    if found:
+        return found
+    return {name: (inspect.getdoc(cls) or "").strip().split("\n")[0] for name, cls in strategies().items()}
+
+
+def describe() -> str:
+    """The catalogue as plain text for ``clframe --help`` (without importing Lightning or torch)."""
+    lines = ["strategies (--model=<name>, or model.class_path in a config):"]
+    found = strategy_summaries()
     width = max(16, *(len(name) + 2 for name in found))
     for name, summary in found.items():
         lines.append(f"  {name:<{width}}{_shorten(summary, 100 - width)}")
     lines += ["", "data sources (--data.source=<name>; offline root: $CLFRAME_DATA or --data.data_root):",
-              "  " + ", ".join(static_catalog.source_names()),
+              "  " + ", ".join(static_catalog.source_names() or source_names()),
               "", "scenarios (--data.scenario=<name>):"]
     lines += [f"  {name:<16}{text}" for name, text in SCENARIOS.items()]
     configs = example_configs()

@@ -80,6 +80,12 @@ def test_the_catalogue_read_from_source_matches_the_imported_classes():
         inspect.getdoc(ContinualTrainer.fit).splitlines()[0]
 
 
+def test_without_source_files_the_catalogue_comes_from_the_imported_classes(monkeypatch):
+    from_source = catalog.strategy_summaries()
+    monkeypatch.setattr(static_catalog, "strategy_summaries", lambda packages: {})
+    assert catalog.strategy_summaries() == from_source
+
+
 @pytest.mark.parametrize("package", LAZY_PACKAGES)
 def test_every_lazily_exported_name_resolves(package):
     module = importlib.import_module(package)
