@@ -51,6 +51,16 @@ def strategies() -> dict[str, type[ContinualModule]]:
     return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
 
 
+def callbacks() -> dict[str, type]:
+    """The callback classes ``clframe.callbacks`` exports, by name; importing them is what lists them among
+    the known callbacks of ``clframe fit --help`` (the package imports them only on first use)."""
+    import lightning as L
+
+    module = importlib.import_module("clframe.callbacks")
+    found = {name: getattr(module, name) for name in module.__all__}
+    return {name: obj for name, obj in found.items() if inspect.isclass(obj) and issubclass(obj, L.Callback)}
+
+
 def init_options(cls: type) -> list[str]:
     """The constructor arguments a config may set for ``cls`` (following ``**kwargs`` up the bases)."""
     names: list[str] = []

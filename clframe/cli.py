@@ -189,6 +189,7 @@ class ContinualCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         refuse_python_tags(sys.argv[1:] if args is None else list(args))
         catalog.strategies()  # import every strategy family, so short names (--model=HyperInterval) resolve
+        catalog.callbacks()  # listed among the known callbacks of `fit --help`
         self.argv = list(sys.argv[1:] if args is None else args)
         super().__init__(
             model_class=ContinualModule,

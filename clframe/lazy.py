@@ -3,30 +3,28 @@
 A package lists where each of its names lives; the module behind a name is imported the first time the
 name is read (``clframe.ER``, ``from clframe.strategies import ER``, a config's
 ``class_path: clframe.strategies.ER``), and the value is then kept on the package like an ordinary
-import. ``exports_of`` tells the catalogue where a name lives without importing it.
+import. (:mod:`clframe.static_catalog` reads these tables from the source to list strategies without
+importing them.)
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
-_ORIGINS: dict[str, dict[str, str]] = {}  # package -> {exported name: module that defines it}
 
 
 def lazy_exports(package: str, modules: Mapping[str, Sequence[str]]
                  ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``__getattr__`` and ``__dir__`` for ``package``, whose names live in ``modules`` ({module: names})."""
     origin = {name: module for module, names in modules.items() for name in names}
-    _ORIGINS[package] = origin
 
     def __getattr__(name: str) -> Any:
         module = origin.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
+        __import__(module)  # not importlib.import_module: `python -X importtime` shows only imports made this way
+        value = getattr(sys.modules[module], name)
         setattr(sys.modules[package], name, value)  # later reads skip this function
         return value
 
@@ -35,8 +33,3 @@ def lazy_exports(package: str, modules: Mapping[str, Sequence[str]]
 
     return __getattr__, __dir__
 
-
-def exports_of(package: str) -> dict[str, str]:
-    """{name: defining module} of a package that exports lazily (importing the package, which is cheap)."""
-    importlib.import_module(package)
-    return dict(_ORIGINS.get(package, {}))

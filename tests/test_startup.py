@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +112,14 @@ def test_star_import_and_config_class_paths_resolve():
     namespace: dict = {}
     exec("from clframe.strategies import *", namespace)
     assert namespace["ER"] is ER
+
+
+def test_fit_help_still_lists_every_strategy_and_callback_in_a_fresh_process():
+    """What ``clframe fit --help`` lists as known subclasses comes from what is imported; the lazy packages
+    must not hide any (the CLI imports every strategy and callback before building its parser)."""
+    proc = subprocess.run([sys.executable, "-m", "clframe.cli", "fit", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode == 0, proc.stderr
+    listed = set(re.findall(r"clframe(?:\.\w+)*\.(\w+)\b", proc.stdout))
+    assert set(catalog.strategies()) <= listed
+    assert set(catalog.callbacks()) <= listed
