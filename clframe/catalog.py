@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,9 +93,9 @@ def example_configs() -> list[str]:
 
 def strategy_summaries() -> dict[str, str]:
     """{strategy: first line of its docstring}, read from the source files (see :mod:`clframe.static_catalog`)
-    so that ``clframe --help`` needs neither Lightning nor torch; from the imported classes when the
-    install ships no source files."""
-    found = static_catalog.strategy_summaries(STRATEGY_PACKAGES)
+    so that ``clframe --help`` needs neither Lightning nor torch; from the classes once Lightning is loaded
+    (importing them is then cheap: ``clframe fit``) or when the install ships no source files."""
+    found = {} if "lightning" in sys.modules else static_catalog.strategy_summaries(STRATEGY_PACKAGES)
     if found:
         return found
     return {name: (inspect.getdoc(cls) or "").strip().split("\n")[0] for name, cls in strategies().items()}

@@ -38,10 +38,11 @@ def _tree(module: str) -> ast.Module | None:
 
 
 def _lazy_origins(tree: ast.Module) -> dict[str, str]:
-    """{name: module} of a package's ``lazy_exports(__name__, {module: [names]})`` call."""
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy_exports" and len(node.args) == 2:
-            modules = ast.literal_eval(node.args[1])
+    """{name: module} of a package's top-level ``... = lazy_exports(__name__, {module: [names]})``."""
+    for node in tree.body:
+        call = node.value if isinstance(node, (ast.Assign, ast.Expr)) else None
+        if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "lazy_exports" and len(call.args) == 2:
+            modules = ast.literal_eval(call.args[1])
             return {name: module for module, names in modules.items() for name in names}
     return {}
 
