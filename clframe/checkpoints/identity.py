@@ -23,7 +23,7 @@ from clframe.errors import CheckpointError
 
 KEY = "clframe_run"
 # Where data is read from and how fast: changing them does not change the run.
-HARMLESS = ("data.data_root", "data.download", "data.num_workers")
+HARMLESS = ("data.data_root", "data.download", "data.num_workers", "data.device_resident")
 _SKIP = ("_instantiator", "_class_path")
 
 
