@@ -16,8 +16,9 @@ The DER paper's setting: the 32x32 ResNet-18 (``--nf 64``), plain SGD (lr 0.03),
 * ``plain_loader``: the same loop fed the way Mammoth and Avalanche feed it: a ``torch.utils.data.DataLoader``
   over PIL images with torchvision's ``RandomCrop(32, 4)``, ``RandomHorizontalFlip``, ``ToTensor`` and
   ``Normalize`` per sample, ``--workers`` worker processes (Mammoth's default 4), pinned memory. Its replay
-  part is the device-side one of ``plain_device`` (Mammoth augments replayed samples one by one on the host,
-  which would be slower still), so the two plain loops differ only in how new batches arrive.
+  part is the device-side one of ``plain_device``, so the two plain loops differ only in how new batches arrive;
+* ``plain_mammoth``: ``plain_loader`` plus Mammoth's handling of replayed samples: copied to the host, augmented
+  one by one with the same torchvision transforms on PIL images, copied back (its buffers' ``get_data``).
 
 Every variant trains the first ``--tasks`` tasks (2 classes each) for ``--warmup`` + ``--steps`` steps per
 task; the timed part is each task's steps after its first ``--warmup``: wall clock from the end of the last
@@ -57,10 +58,10 @@ from clframe.data.scenarios import class_incremental  # noqa: E402
 from clframe.data.sources import SourceData, load_source  # noqa: E402
 from clframe.models.factory import create_backbone  # noqa: E402
 from clframe.models.speed import prepare_backbone, to_float  # noqa: E402
-from clframe.strategies import DERpp, ER  # noqa: E402
+from clframe.strategies import ER, DERpp  # noqa: E402
 
 STRATEGIES = ("er", "derpp")
-SIDES = ("clframe", "clframe_host", "plain_device", "plain_loader")
+SIDES = ("clframe", "clframe_host", "plain_device", "plain_loader", "plain_mammoth")
 BATCH, MEMORY, LR, ALPHA, BETA = 32, 500, 0.03, 0.2, 0.5  # Mammoth's best_args for seq-cifar10, buffer 500
 
 
@@ -176,14 +177,17 @@ class DeviceReservoir:
 
 
 def plain_loop(strategy: str, batches: Callable[[int], object], n_tasks: int, args, device: torch.device,
-               mean: Tensor, std: Tensor) -> Stopwatch:
-    """ER or DER++ over ``batches(task)`` (an iterator of ``(float normalised x, y, raw uint8 x or None)``)."""
+               mean: Tensor, std: Tensor, replay_prepare: Callable[[Tensor], Tensor] | None = None) -> Stopwatch:
+    """ER or DER++ over ``batches(task)`` (an iterator of ``(float normalised x, y, raw uint8 x)``); replayed raw
+    images go through ``replay_prepare`` (default: the batched crop+flip on the device)."""
     torch.manual_seed(0)
     net = Net(args.nf, args.memory_format, args.compile).to(device)
     watch, buffer = Stopwatch(args.warmup, args.steps, device), DeviceReservoir(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
 
     def prepare(raw: Tensor) -> Tensor:
+        if replay_prepare is not None:
+            return replay_prepare(raw)
         return to_float(crop_flip(raw), args.memory_format).div_(255).sub_(mean).div_(std)
 
     for task in range(n_tasks):
@@ -248,10 +252,27 @@ class PILTask(torch.utils.data.Dataset):
         return self.transform(img), int(self.labels[i]), torch.from_numpy(self.images[i]).permute(2, 0, 1)
 
 
-def loader_batches(stream, steps: int, device: torch.device, workers: int, mean, std, memory_format: str):
+def torchvision_transform(mean, std):
+    """The per-sample training transform of Mammoth's seq-cifar10 (torchvision v1, on PIL images)."""
     from torchvision import transforms as T
 
-    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def host_replay_prepare(device: torch.device, mean, std, memory_format: str) -> Callable[[Tensor], Tensor]:
+    """Mammoth's way with replayed samples: back to the host, one PIL transform per sample, back to the device."""
+    from torchvision.transforms.functional import to_pil_image
+
+    transform = torchvision_transform(mean, std)
+
+    def prepare(raw: Tensor) -> Tensor:
+        x = torch.stack([transform(to_pil_image(img)) for img in raw.cpu()]).to(device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else x
+    return prepare
+
+
+def loader_batches(stream, steps: int, device: torch.device, workers: int, mean, std, memory_format: str):
+    transform = torchvision_transform(mean, std)
 
     def per_task(task: int):
         train = stream.tasks[task].train
@@ -286,7 +307,8 @@ def run_variant(name: str, stream, args, device: torch.device) -> float:
                               lambda raw: to_float(crop_flip(raw), args.memory_format).div_(255).sub_(mean).div_(std))
     else:
         feed = loader_batches(stream, steps, device, args.workers, stream.mean, stream.std, args.memory_format)
-    return plain_loop(strategy, feed, args.tasks, args, device, mean, std).images_per_second()
+    host = host_replay_prepare(device, stream.mean, stream.std, args.memory_format) if side == "plain_mammoth" else None
+    return plain_loop(strategy, feed, args.tasks, args, device, mean, std, host).images_per_second()
 
 
 def loader_rate(stream, device: torch.device, on_device: bool, epochs: int) -> float:
@@ -309,15 +331,16 @@ def loader_rate(stream, device: torch.device, on_device: bool, epochs: int) -> f
 def summarize(results: dict[str, list[float]]) -> tuple[dict, str]:
     med = {k: statistics.median(v) for k, v in results.items() if v}
     lines = ["| strategy | " + " | ".join(SIDES) + " | clframe / plain_device | plain_device / plain_loader | "
-             "clframe / plain_loader |", "|---" * (len(SIDES) + 4) + "|"]
+             "clframe / plain_loader | clframe / plain_mammoth |", "|---" * (len(SIDES) + 5) + "|"]
     ratios = {}
     for s in STRATEGIES:
         get = {side: med.get(f"{s}:{side}") for side in SIDES}
         if None in get.values():
             continue
         r = (get["clframe"] / get["plain_device"], get["plain_device"] / get["plain_loader"],
-             get["clframe"] / get["plain_loader"])
-        ratios[s] = dict(zip(("clframe/plain_device", "plain_device/plain_loader", "clframe/plain_loader"), r, strict=True))
+             get["clframe"] / get["plain_loader"], get["clframe"] / get["plain_mammoth"])
+        names = ("clframe/plain_device", "plain_device/plain_loader", "clframe/plain_loader", "clframe/plain_mammoth")
+        ratios[s] = dict(zip(names, r, strict=True))
         lines.append(f"| {s} | " + " | ".join(f"{get[side]:.0f}" for side in SIDES) + " | "
                      + " | ".join(f"{v:.2f}" for v in r) + " |")
     return {"median_images_per_second": med, "ratios": ratios}, "\n".join(lines)

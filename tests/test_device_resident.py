@@ -84,6 +84,8 @@ def test_resume_mid_epoch_is_bit_exact_and_matches_the_normal_path(tmp_path):
     for step in (1, per_epoch + 1):  # mid-epoch in the first task's first and second epoch
         resumed = _every_step_run(tmp_path / f"from{step}", tmp_path / "full" / f"step={step}.ckpt")
         _assert_same_run(full, resumed, f"resumed at step {step}")
+    switched = _every_step_run(tmp_path / "switched", tmp_path / "full" / "step=2.ckpt", device_resident=False)
+    _assert_same_run(full, switched, "resumed on the host path")  # checkpoints do not depend on the mode
 
 
 def test_crop_flip_is_per_sample_reproducible_and_covers_every_draw():
