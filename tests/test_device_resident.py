@@ -145,3 +145,16 @@ def test_a_batch_already_on_the_device_is_used_as_it_is():
     assert model.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
     moved = model.transfer_batch_to_device([batch[0]], torch.device("cpu"), 0)  # other shapes: Lightning's own move
     assert torch.equal(moved[0], batch[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_keeps_data_and_buffer_on_a_cuda_device():
+    L.seed_everything(0)
+    data = ContinualDataModule(source="digits", n_tasks=2, batch_size=16, train_transforms="cifar_crop_flip")
+    model = DERpp(buffer_size=50, replay_batch_size=16, memory_format="channels_last")
+    trainer = ContinualTrainer(steps_per_task=5, logger=False, accelerator="gpu", devices=1, precision="bf16-mixed",
+                               **QUIET_TRAINER)
+    trainer.fit(model, datamodule=data)
+    copies = list(data._on_device.values())
+    assert copies and all(c.x.device.type == "cuda" for c in copies)  # auto: on for a CUDA device
+    assert model.buffer.data_x.device.type == "cuda" and len(trainer.accuracy_matrix) == 2
