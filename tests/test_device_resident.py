@@ -158,3 +158,18 @@ def test_auto_keeps_data_and_buffer_on_a_cuda_device():
     copies = list(data._on_device.values())
     assert copies and all(c.x.device.type == "cuda" for c in copies)  # auto: on for a CUDA device
     assert model.buffer.data_x.device.type == "cuda" and len(trainer.accuracy_matrix) == 2
+
+
+def test_each_rank_gets_the_normal_paths_shard():
+    from types import SimpleNamespace
+
+    served = {}
+    for mode in (False, True):
+        data = ContinualDataModule(source="digits", n_tasks=5, batch_size=10, eval_batch_size=16, device_resident=mode)
+        data.set_task(2)
+        for rank in range(2):
+            data.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+            served[mode, rank] = (_batches(data.train_dataloader(), 1), [list(t) for t in data.test_dataloader()])
+    for rank in range(2):
+        (train, test), (train_d, test_d) = served[False, rank], served[True, rank]
+        assert _same(train, train_d) and all(_same(a, b) for a, b in zip(test, test_d, strict=True))

@@ -268,7 +268,8 @@ class ContinualDataModule(L.LightningDataModule):
         """``dataset`` as tensors on the trainer's device in device-resident mode (copied once, then kept;
         one training set at a time), else ``None`` (see :mod:`clframe.data.device_resident`)."""
         setting = resident.normalize(self.hparams.get("device_resident", "auto"))
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        strategy = getattr(self.trainer, "strategy", None)
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
         kept = self._on_device.get(key)
         if setting is False:
             return None
