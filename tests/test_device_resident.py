@@ -139,14 +139,6 @@ def test_a_compiled_backbone_trains():
     assert len(trainer.accuracy_matrix) == 2
 
 
-def test_a_batch_already_on_the_device_is_used_as_it_is():
-    model = ER(num_classes=10, input_shape=(1, 8, 8), scenario="class")
-    batch = (torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
-    assert model.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
-    moved = model.transfer_batch_to_device([batch[0]], torch.device("cpu"), 0)  # other shapes: Lightning's own move
-    assert torch.equal(moved[0], batch[0])
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_keeps_data_and_buffer_on_a_cuda_device():
     L.seed_everything(0)

@@ -281,6 +281,7 @@ class ContinualDataModule(L.LightningDataModule):
             self._on_device = {k: v for k, v in self._on_device.items() if k[0] != "train"}
         if not self._on_device:
             rank_zero_info(f"clframe: data kept on {device} (device_resident={setting})")
+            resident.quiet_worker_advice()
         self._on_device[key] = resident.DeviceTaskData(dataset, device)
         return self._on_device[key]
 

@@ -19,6 +19,7 @@ in ``benchmarks/RESULTS.md``). ``True`` forces it on any device (tests use it on
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -84,6 +85,12 @@ def resolve(setting: DeviceResident, device: torch.device, dataset: Dataset) -> 
         raise ScenarioError("device_resident=true cannot serve a data set with a per-sample transform drawn while "
                             "reading it (it would be frozen at the first copy); use device_resident=auto or false")
     return setting is True or fits_on(device, dataset_bytes(dataset))
+
+
+def quiet_worker_advice() -> None:
+    """Drop Lightning's "does not have many workers ... increase num_workers" warning: device-resident loaders
+    gather on the device in the main process on purpose, and worker processes could not touch the data there."""
+    warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck.*")
 
 
 class DeviceTaskData(Dataset):

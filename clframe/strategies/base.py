@@ -197,13 +197,6 @@ class ContinualModule(L.LightningModule):
             return x
         return self._train_pipeline(x)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """A batch already on ``device`` (the device-resident data path) is used as it is, without Lightning's walk
-        over the collection; anything else moves as Lightning moves it."""
-        if isinstance(batch, tuple) and all(isinstance(v, Tensor) and v.device == device for v in batch):
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     # ------------------------------------------------------------------ forward
     def preprocess(self, x: Tensor) -> Tensor:
         """uint8 images to normalised floats, on the device (cheap, and keeps loaders compact)."""
