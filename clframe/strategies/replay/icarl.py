@@ -84,6 +84,7 @@ class ExemplarMemory(ReplayBuffer):
         """Keep the first ``per_class`` exemplars (by herding rank) of every class."""
         if len(self):
             self.data_y[(self.data_y >= 0) & (self.data_rank >= per_class)] = -1
+            self.reindex()
 
     @torch.no_grad()
     def insert(self, x: Tensor, y: Tensor, t: Tensor, rank: Tensor) -> None:
@@ -96,10 +97,11 @@ class ExemplarMemory(ReplayBuffer):
             raise RuntimeError(f"exemplar memory full: {len(y)} to insert, {len(free)} free slots")
         self._write(free[: len(y)].cpu(), torch.arange(len(y)), values)
         self.num_seen += len(y)
+        self.reindex()
 
     def take(self, slots: Tensor) -> dict[str, Tensor]:
         """The inputs, labels and task ids stored in ``slots``."""
-        return {name: self._storage(name)[slots] for name in ("x", "y", "t")}
+        return {name: self._storage(name).index_select(0, slots) for name in ("x", "y", "t")}
 
     def counts(self, num_classes: int) -> Tensor:
         """Number of exemplars of each class."""
