@@ -228,6 +228,19 @@ def test_unreadable_checkpoint_from_the_cli(tmp_path, monkeypatch, capsys):
     assert code == INPUT_STATUS and "is empty" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("holds", ["a checkpoint", "nothing"])
+def test_checkpoint_path_is_a_folder(holds, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if holds == "a checkpoint":
+        (folder / "last.ckpt").write_bytes(b"")
+    code, err = run_main(monkeypatch, capsys, f"--trainer.default_root_dir={tmp_path}", *FAST, f"--ckpt_path={folder}")
+    last = err.strip().splitlines()[-1]
+    assert code == INPUT_STATUS and "Traceback" not in err, err[-2000:]
+    assert "is a folder" in last and "does not exist" not in last and "--ckpt_path last" in last
+    assert (str(folder / "last.ckpt") in last) == (holds == "a checkpoint")
+
+
 def test_disk_full_mid_run_keeps_checkpoints_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     args = [f"--trainer.default_root_dir={tmp_path}", *FAST, "--trainer.enable_checkpointing=true",
             "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -345,6 +358,6 @@ def test_error_table_lists_every_case():
     cases = [*CASES, "accelerator=gpu", "empty config", "yaml list", "config is a folder", "interpolation",
              "path too long", "read-only", "disk full", "log folder under a file", "16-bit", "constant colour channel",
              "non-contiguous label", "no test samples", "no train samples", "unexpected error", "zero-row parquet",
-             "sigterm", "out of memory"]
+             "sigterm", "out of memory", "checkpoint path is a folder"]
     missing = [c for c in cases if c.lower() not in table]
     assert not missing, missing

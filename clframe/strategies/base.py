@@ -27,10 +27,17 @@ from clframe.optim import OPTIMIZERS, Interval, LRSchedulerCallable, OptimizerAr
 from clframe.strategies.intact import InTAct, InTActConfig
 
 
-def frozen_copy(**parts: nn.Module) -> nn.ModuleDict:
-    """Deep copies of ``parts`` with gradients off, in eval mode: the teacher / reference snapshot that
-    distillation-style terms compare against (LwF, iCaRL, GeRe's KL reference)."""
-    return nn.ModuleDict({name: copy.deepcopy(module) for name, module in parts.items()}).requires_grad_(False).eval()
+class FrozenSnapshot(nn.ModuleDict):
+    """Modules that stay in eval mode when their owner switches to training (fixed dropout and BN statistics)."""
+
+    def train(self, mode: bool = True) -> FrozenSnapshot:
+        return super().train(False)
+
+
+def frozen_copy(**parts: nn.Module) -> FrozenSnapshot:
+    """Deep copies of ``parts`` with gradients off, in eval mode for good: the teacher / reference snapshot
+    that distillation-style terms compare against (LwF, iCaRL, GeRe's KL reference)."""
+    return FrozenSnapshot({name: copy.deepcopy(module) for name, module in parts.items()}).requires_grad_(False).eval()
 
 
 class ContinualModule(L.LightningModule):

@@ -160,12 +160,6 @@ class ICaRL(ContinualModule):
     def _snapshot_teacher(self) -> None:
         self.teacher = frozen_copy(backbone=self.backbone, head=self.head)
 
-    def train(self, mode: bool = True) -> ICaRL:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
     # ------------------------------------------------------------------ forward
     def _normalized(self, feats: Tensor) -> Tensor:
         return F.normalize(feats, dim=1) if self.hparams.normalize_features else feats
@@ -263,12 +257,7 @@ class ICaRL(ContinualModule):
             return super().training_step(batch, batch_idx)
         with vb.capture(self.head) as outputs:  # the task views and the exemplar views, whole R-row groups
             loss = super().training_step(vb.views_of(self, batch), batch_idx)
-        ssl = vb.ssl_term(self, outputs)
-        if ssl is not None:
-            loss = loss + ssl
-            if self.step_metrics_wanted():
-                self.log("train/view_ssl", vb.last_ssl, on_step=True, on_epoch=False)
-        return loss
+        return vb.add_ssl_term(self, outputs, loss)
 
     # ------------------------------------------------------------------ task end
     @torch.no_grad()
