@@ -165,3 +165,21 @@ def test_each_rank_gets_the_normal_paths_shard():
     for rank in range(2):
         (train, test), (train_d, test_d) = served[False, rank], served[True, rank]
         assert _same(train, train_d) and all(_same(a, b) for a, b in zip(test, test_d, strict=True))
+
+
+def test_auto_keeps_data_on_a_cuda_device_only_when_it_fits(monkeypatch):
+    data = ContinualDataModule(source="digits", n_tasks=5)
+    task = data.stream.tasks[0].train
+    need = resident.dataset_bytes(task)
+    assert need == len(task) * (64 + 8 + 8)  # 8x8 uint8 image, int64 label and task id
+    cuda = torch.device("cuda", 0)
+    for free, expected in ((4 * need, True), (need, False)):  # at most half the free memory
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 8 * need))
+        assert resident.resolve("auto", cuda, task) is expected
+    assert resident.resolve("auto", torch.device("cpu"), task) is False and resident.resolve(False, cuda, task) is False
+    drawn = task.subset(torch.arange(10))
+    drawn.sample_transform = lambda x: x  # a per-sample transform applied while reading: cannot be copied once
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * need, 100 * need))
+    assert resident.resolve("auto", cuda, drawn) is False
+    with pytest.raises(ScenarioError, match="per-sample transform"):
+        resident.resolve(True, torch.device("cpu"), drawn)
