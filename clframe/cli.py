@@ -150,6 +150,14 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
         allowed = f"; its options: {', '.join(options)}" if options else ""
         return (f"{key or 'model'}.init_args.{m.group(2)}: {m.group(1)} has no option {m.group(2)!r}"
                 f"{_did_you_mean(m.group(2), options)}{allowed}")
+    if (m := re.search(r"class_path '[\w.]+':\s*\n\s*Parser key \"([\w.]+)\":\s*\n\s*Does not validate against any "
+                       r"of the Union subtypes[\s\S]*?Given value: (.*)", message)) and "- Expected a typing.Literal[" in message:
+        # an option typed as a union of choices (e.g. ``bool | Literal["auto"]``): name every choice
+        block = message[m.start(): m.end()]
+        allowed = [a for g in re.findall(r"- Expected a typing\.Literal\[(.*)\]", block) for a in g.split(",")]
+        allowed += ["true", "false"] if "- Expected a <class 'bool'>" in block else []
+        name = f"data.{m.group(1)}" if key == "data" else f"{key or 'model'}.init_args.{m.group(1)}"
+        return _not_allowed(name, ",".join(allowed), m.group(2))
     if m := re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Parser key \"([\w.]+)\":\s*\n\s*(.+)", message):
         if lit := re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", m.group(3)):
             allowed = [a.strip().strip("'\"") for a in lit.group(1).split(",")]
