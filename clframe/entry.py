@@ -12,6 +12,7 @@ Importing Lightning costs seconds (it imports torchmetrics, which imports torchv
 
 from __future__ import annotations
 
+import os
 import sys
 
 SUITE_COMMANDS = ("bench", "report", "compare")
@@ -55,7 +56,14 @@ def _wants_help(argv: list[str]) -> bool:
 
 def main() -> None:
     """Console-script entry point (``clframe``); see the module docstring for what each subcommand imports."""
-    argv = sys.argv[1:]
+    try:
+        _dispatch(sys.argv[1:])
+    except BrokenPipeError:  # output piped into a reader that stopped early (``clframe --help | head``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        sys.exit(0)
+
+
+def _dispatch(argv: list[str]) -> None:
     if argv[:1] and argv[0] in SUITE_COMMANDS:
         from clframe.bench.cli import main as suite_main
 

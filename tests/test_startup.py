@@ -123,3 +123,15 @@ def test_fit_help_still_lists_every_strategy_and_callback_in_a_fresh_process():
     listed = set(re.findall(r"clframe(?:\.\w+)*\.(\w+)\b", proc.stdout))
     assert set(catalog.strategies()) <= listed
     assert set(catalog.callbacks()) <= listed
+
+
+def test_help_piped_into_a_reader_that_stops_early_ends_quietly():
+    """``clframe --help | head -1``: a closed pipe is not an error worth a traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "clframe", "--help"], cwd=REPO, stdout=write_end,
+                              stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode()
