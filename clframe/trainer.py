@@ -268,6 +268,7 @@ class ContinualTrainer(L.Trainer):
         self.epochs_per_task = epochs_per_task
         self.steps_per_task = steps_per_task
         self.eval_after_task = eval_after_task
+        self.evaluating_stream = False  # inside evaluate_seen_tasks
         self.continual_results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ the stream loop
@@ -381,12 +382,14 @@ class ContinualTrainer(L.Trainer):
         bar = self.progress_bar_callback
         if bar is not None:
             bar.disable()  # one line per task is enough; the per-loader test bars are noise
+        self.evaluating_stream = True  # a SIGTERM now still saves last.ckpt (checkpoints/preemption.py)
         try:
             if split == "val":
                 self.validate(model, datamodule=datamodule, verbose=False)
             else:
                 self.test(model, datamodule=datamodule, verbose=False)
         finally:
+            self.evaluating_stream = False
             if bar is not None:
                 bar.enable()
         self._first_run_done(model, datamodule)
@@ -433,8 +436,6 @@ class ContinualTrainer(L.Trainer):
 
     def _resume_point(self, ckpt_path: str | Path) -> int:
         path = Path(ckpt_path)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .ckpt file written by this run")
         ckpt = load_checkpoint(path, trust=self.trust_checkpoints)
         state = ckpt.get("callbacks", {}).get(StreamProgress.state_key)
         if state is None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from clframe.strategies.replay.buffer import ReplayBuffer
+from clframe.strategies.replay.slots import draw_distinct
 
 Z_P001 = 3.090  # one-sided standard-normal quantile for p = 0.001
 
@@ -319,3 +320,152 @@ def test_invalid_capacity_raises(capacity: int) -> None:
 def test_unknown_policy_raises() -> None:
     with pytest.raises(ValueError, match="reservoir, class_balanced"):
         ReplayBuffer(10, "fifo")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- O(batch) per step
+
+
+def test_draw_distinct_is_a_uniform_draw_without_replacement() -> None:
+    """Every value is equally likely at every place of the draw (sparse path: rejection of repeats)."""
+    gen = torch.Generator().manual_seed(0)
+    size, count, n = 2000, 5, 2500
+    hits = torch.zeros(count, 20, dtype=torch.long)  # per place: values in 20 bins of 100
+    for _ in range(n):
+        d = draw_distinct(size, count, gen)
+        assert len(d.unique()) == count and bool(((d >= 0) & (d < size)).all())
+        hits[torch.arange(count), d // 100] += 1
+    for place in range(count):
+        stat, critical = chi2_uniform(hits[place])
+        assert stat < critical, f"place {place}: {hits[place].tolist()}"
+    dense = draw_distinct(10, 8, gen)  # dense path: a permutation of the range
+    assert len(dense.unique()) == 8
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
+def test_sample_cost_does_not_grow_with_the_store(policy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draw of 32 from 5,000 stored samples never permutes the whole store, and is still distinct."""
+    buf = ReplayBuffer(5000, policy, seed=0)
+    ids = torch.arange(6000)
+    stream_ids(buf, ids, 1000)
+    sizes: list[int] = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda n, *a, **k: sizes.append(n) or real(n, *a, **k))
+    for _ in range(20):
+        s = buf.sample(32)
+        assert len(s["x"].unique()) == 32 and torch.equal(s["y"], s["x"] % 10)
+    assert not sizes or max(sizes) <= 64, f"randperm over {max(sizes)} items for a draw of 32"
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
+def test_sample_is_deterministic_given_the_generator(policy: str) -> None:
+    a, b = filled_buffer(policy), filled_buffer(policy)
+    state = a.generator.get_state()
+    first = [a.sample(9)["x"] for _ in range(3)]
+    assert all(torch.equal(x, y["x"]) for x, y in zip(first, [b.sample(9) for _ in range(3)], strict=True))
+    a.generator.set_state(state)
+    assert torch.equal(a.sample(9)["x"], first[0])
+
+
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced"])
+def test_ranks_take_disjoint_shares_of_one_draw(policy: str) -> None:
+    buf = filled_buffer(policy)
+    state = buf.generator.get_state()
+    shares = []
+    for rank in range(3):
+        buf.generator.set_state(state)  # every rank's generator is in the same state
+        shares.append(buf.sample(7, rank=rank, world_size=3)["logits"][:, 0].tolist())  # the sample's id
+    after = buf.generator.get_state()
+    assert all(len(s) == 7 for s in shares)
+    flat = [x for s in shares for x in s]
+    assert len(set(flat)) == 21, "ranks replay the same slot"
+    buf.generator.set_state(state)
+    buf.sample(7, rank=0, world_size=3)
+    assert torch.equal(buf.generator.get_state(), after)
+
+
+def recount(buf: ReplayBuffer) -> None:
+    """The class-balanced bookkeeping against a brute-force recount of the stored labels."""
+    book = buf._slots
+    y = buf.data_y
+    occupied = (y >= 0).nonzero().flatten()
+    assert len(buf) == len(occupied)
+    assert torch.equal(buf.valid_slots(), occupied)
+    counts = torch.bincount(y[occupied], minlength=len(book.count))
+    assert torch.equal(book.count, counts[: len(book.count)]) and int(counts[len(book.count):].sum()) == 0
+    for c in range(len(book.count)):
+        assert bool((y[book.slots_of(c)] == c).all()), f"class {c}'s list holds other slots"
+    free = book.free[: book.n_free]
+    assert torch.equal(free.sort().values, (y < 0).nonzero().flatten())
+    assert bool((free[:-1] > free[1:]).all()), "free stack out of order"
+    seen = int((buf.class_seen > 0).sum())
+    if seen:
+        assert int(book.count.max()) <= buf.capacity // seen
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_class_balanced_bookkeeping_matches_a_recount(seed: int) -> None:
+    """Random batch sizes and label ranges (classes arriving over time, a batch larger than the buffer)."""
+    gen = torch.Generator().manual_seed(seed)
+    buf = ReplayBuffer(37, "class_balanced", seed=seed)
+    next_id = 0
+    for step in range(60):
+        n = int(torch.randint(1, 90 if step % 17 == 5 else 12, (1,), generator=gen))
+        top = 1 + min(9, step // 5)
+        y = torch.randint(0, top, (n,), generator=gen)
+        x = torch.arange(next_id, next_id + n)
+        next_id += n
+        buf.add(x, y, torch.zeros_like(y))
+        recount(buf)
+        assert torch.equal(buf.all()["y"], buf.data_y[buf.data_y >= 0])
+        s = buf.sample(8)
+        assert bool((s["y"] >= 0).all()) and len(s["x"].unique()) == len(s["x"])
+    assert int(buf.class_seen.sum()) == next_id
+
+
+def test_class_balanced_resumes_bit_exactly() -> None:
+    """After a state_dict round trip, a long run of inserts and draws matches the uninterrupted one."""
+    gen = torch.Generator().manual_seed(5)
+    a = ReplayBuffer(50, "class_balanced", seed=3)
+    stream = [(torch.arange(i * 16, i * 16 + 16), torch.randint(0, 2 + i // 8, (16,), generator=gen)) for i in range(60)]
+    for x, y in stream[:20]:
+        a.add(x, y, torch.zeros_like(y))
+        a.sample(10)
+    blob = io.BytesIO()
+    torch.save(a.state_dict(), blob)
+    blob.seek(0)
+    b = ReplayBuffer(50, "class_balanced", seed=99)
+    b.load_state_dict(torch.load(blob, weights_only=True))
+    for x, y in stream[20:]:
+        for buf in (a, b):
+            buf.add(x, y, torch.zeros_like(y))
+        assert torch.equal(a.sample(10)["x"], b.sample(10)["x"])
+    assert_same_storage(a, b)
+    assert torch.equal(a._slots.table, b._slots.table)
+
+
+def test_checkpoint_without_bookkeeping_is_rebuilt_from_the_labels() -> None:
+    """Checkpoints written before the bookkeeping was saved load, and the buffer goes on correctly."""
+    buf = filled_buffer("class_balanced")
+    state = buf.state_dict()
+    del state["_extra_state"]["slots"]
+    fresh = ReplayBuffer(64, "class_balanced")
+    fresh.load_state_dict(state)
+    recount(fresh)
+    assert_same_storage(buf, fresh)
+    more = torch.arange(500, 700)
+    fresh.add(more.to(torch.uint8).unsqueeze(1), more % 8, torch.zeros_like(more), logits=fake_logits(more))
+    recount(fresh)
+
+
+def test_reservoir_insert_counts_on_the_host_and_reloads_the_count():
+    """The stream position is kept on the host (no device read-back per step) and restored on load."""
+    a = ReplayBuffer(8, seed=0)
+    for i in range(5):
+        a.add(torch.full((3, 2), i), torch.arange(3), torch.zeros(3))
+    b = ReplayBuffer(8, seed=0)
+    b.load_state_dict(a.state_dict())
+    assert len(b) == len(a) == 8 and b._seen_on_host == 15 == int(b.num_seen)
+    x = torch.randn(4, 2)
+    a.add(x, torch.arange(4), torch.zeros(4))
+    b.add(x, torch.arange(4), torch.zeros(4))
+    assert torch.equal(a.data_x, b.data_x) and int(a.num_seen) == int(b.num_seen) == 19

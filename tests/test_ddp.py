@@ -314,10 +314,6 @@ def test_a_gloo_process_group_is_destroyed_at_exit_not_left_to_interpreter_shutd
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="seen once in CI before the fix: an abort ('terminate called without an "
-                   "active exception', SIGABRT) during the last of the 2 tasks under gloo; the trainer now destroys the "
-                   "gloo group in an atexit hook (the mechanism of pytorch/pytorch#179291); non-strict until CI "
-                   "has run it clean many times")
 def test_view_batch_under_two_process_ddp(tmp_path):
     """The view-batch model under DDP: each rank's batches are whole view groups (the slice is cut from
     the global index list), the SSL term is computed on every rank, and both ranks keep the

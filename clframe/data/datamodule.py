@@ -8,11 +8,13 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from clframe.data import device_resident as resident
 from clframe.data.augment import TransformSpec, build_pipeline
 from clframe.data.resize import check_resize, resize_source
-from clframe.data.samplers import EpochShuffleSampler, PerTaskBatchSampler, TaskBatchSampler
+from clframe.data.samplers import EpochResumable, EpochShuffleSampler, PerTaskBatchSampler, TaskBatchSampler
 from clframe.data.scenarios import (
     ScenarioError,
     check_unused_options,
@@ -58,8 +60,8 @@ class ResumableDataLoader(DataLoader):
         self._yielded = 0
         self._resumed = 0
 
-    def _order(self) -> EpochShuffleSampler | PerTaskBatchSampler:
-        return self.batch_sampler if isinstance(self.batch_sampler, PerTaskBatchSampler) else self.sampler
+    def _order(self) -> EpochResumable:
+        return self.batch_sampler if isinstance(self.batch_sampler, EpochResumable) else self.sampler
 
     def __iter__(self):
         resumed, self._resumed = self._resumed, 0  # batches of this epoch already consumed
@@ -74,7 +76,7 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         batches = int(state_dict["batches"])
-        per_batch = 1 if isinstance(self.batch_sampler, PerTaskBatchSampler) else self.batch_size
+        per_batch = 1 if isinstance(self.batch_sampler, EpochResumable) else self.batch_size  # batch samplers count batches
         self._order().resume_at(int(state_dict["epoch"]), batches * per_batch)
         self._resumed = batches
 
@@ -101,6 +103,8 @@ class ContinualDataModule(L.LightningDataModule):
     ``train_transforms`` / ``eval_transforms``: a preset (``cifar_crop_flip``, ``tiny_imagenet_crop_flip``)
     or a list of ``torchvision.transforms.v2`` classes (see :mod:`clframe.data.augment`), applied by the
     strategy on its device, per sample: to training inputs only (train) or to evaluation inputs (eval).
+    ``device_resident``: keep the served tasks' tensors on the trainer's device and gather batches there
+    (``auto``: on a CUDA device when they fit; see :mod:`clframe.data.device_resident`).
 
     Under DDP every loader serves this process's shard (see :mod:`clframe.data.samplers`): training
     shards are disjoint and equally long, so ``batch_size`` is per process; evaluation shards cover
@@ -140,6 +144,7 @@ class ContinualDataModule(L.LightningDataModule):
         resize: Literal["pad", "bilinear"] = "pad",
         train_transforms: TransformSpec = None,
         eval_transforms: TransformSpec = None,
+        device_resident: resident.DeviceResident = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -154,9 +159,11 @@ class ContinualDataModule(L.LightningDataModule):
             raise ScenarioError(f"views_per_sample ({views_per_sample}) must be positive and divide batch_size "
                                 f"({batch_size}): every batch holds batch_size / views_per_sample samples x their views")
         check_resize(image_size, resize)
+        resident.normalize(device_resident)  # fail early on a typo
         self.current_task = 0
         self.train_scope: TrainScope = "current"
         self._stream: TaskStream | None = None
+        self._on_device: dict[tuple, resident.DeviceTaskData] = {}  # device copies served in device-resident mode
 
     def input_pipelines(self) -> tuple[Any, Any]:
         """``(train, eval)`` batch-level input pipelines (``None`` where unset) that the strategy applies on its
@@ -247,15 +254,41 @@ class ContinualDataModule(L.LightningDataModule):
 
     def _tasks_eval_loader(self, datasets: Sequence[Dataset]) -> DataLoader:
         """One loader over several tasks' evaluation data: per-task batches, task after task
-        (:class:`TaskBatchSampler`), so one evaluation loop serves every task; batches carry their task ids."""
+        (:class:`TaskBatchSampler`), so one evaluation loop serves every task; batches carry their task ids.
+        In device-resident mode the tasks' device copies are served the same way."""
         workers = self.hparams.num_workers
         rank, world = self.shard()
+        sampler = TaskBatchSampler([len(d) for d in datasets], self.hparams.eval_batch_size, rank, world)
+        on_device = [self.device_copy(d, ("eval", id(d))) for d in datasets]
+        if datasets and all(copy is not None for copy in on_device):
+            return DataLoader(ConcatTaskDataset(on_device), batch_sampler=sampler, collate_fn=passthrough_collate,
+                              generator=self._private_generator())
         return DataLoader(
-            ConcatTaskDataset(datasets), num_workers=workers, collate_fn=passthrough_collate,
-            batch_sampler=TaskBatchSampler([len(d) for d in datasets], self.hparams.eval_batch_size, rank, world),
+            ConcatTaskDataset(datasets), num_workers=workers, collate_fn=passthrough_collate, batch_sampler=sampler,
             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available() and workers > 0,
             generator=self._private_generator(),
         )
+
+    def device_copy(self, dataset: Dataset, key: tuple) -> resident.DeviceTaskData | None:
+        """``dataset`` as tensors on the trainer's device in device-resident mode (copied once, then kept;
+        one training set at a time), else ``None`` (see :mod:`clframe.data.device_resident`)."""
+        setting = resident.normalize(self.hparams.get("device_resident", "auto"))
+        strategy = getattr(self.trainer, "strategy", None)
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        kept = self._on_device.get(key)
+        if setting is False:
+            return None
+        if kept is not None and kept.device == device:
+            return kept
+        if not resident.resolve(setting, device, dataset):
+            return None
+        if key[0] == "train":  # the previous training set's copy is freed first
+            self._on_device = {k: v for k, v in self._on_device.items() if k[0] != "train"}
+        if not self._on_device:
+            rank_zero_info(f"clframe: data kept on {device} (device_resident={setting})")
+            resident.quiet_worker_advice()
+        self._on_device[key] = resident.DeviceTaskData(dataset, device)
+        return self._on_device[key]
 
     def _private_generator(self) -> torch.Generator:
         """Every DataLoader iterator draws a worker seed; from this generator, not the global RNG, so
@@ -275,21 +308,30 @@ class ContinualDataModule(L.LightningDataModule):
         rank, world = self.shard()
         common = dict(num_workers=workers, collate_fn=passthrough_collate, persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available() and workers > 0, generator=self._private_generator())
+        per_task = isinstance(dataset, ConcatTaskDataset) and self.hparams.joint_batches == "per_task"
+        sizes = [len(d) for d in dataset.datasets] if per_task else []
+        on_device = self.device_copy(dataset, ("train", *map(id, getattr(dataset, "datasets", [dataset]))))
+        if on_device is not None:  # gathered on the device: no workers, no pinned copies
+            dataset, common = on_device, dict(collate_fn=passthrough_collate, generator=common["generator"])
         if self.hparams.get("views_per_sample", 1) > 1:  # the view-batch model (clframe.data.view_batch)
-            return self._view_batch_loader(dataset, rank, world, common)
-        if isinstance(dataset, ConcatTaskDataset) and self.hparams.joint_batches == "per_task":
-            sampler = PerTaskBatchSampler([len(d) for d in dataset.datasets], self.hparams.batch_size, self.seed,
-                                          rank=rank, world_size=world)
+            return self._view_batch_loader(dataset, rank, world, common, per_task)
+        if per_task:
+            sampler = PerTaskBatchSampler(sizes, self.hparams.batch_size, self.seed, rank=rank, world_size=world)
+            return ResumableDataLoader(dataset, batch_sampler=sampler, **common)
+        if on_device is not None:
+            sampler = resident.DeviceBatchSampler(len(dataset), self.hparams.batch_size, self.seed, on_device.device,
+                                                  rank=rank, world_size=world)
             return ResumableDataLoader(dataset, batch_sampler=sampler, **common)
         return ResumableDataLoader(dataset, batch_size=self.hparams.batch_size,
                                    sampler=EpochShuffleSampler(len(dataset), self.seed, rank=rank, world_size=world),
                                    **common)
 
-    def _view_batch_loader(self, dataset: Dataset, rank: int, world: int, common: dict[str, Any]) -> DataLoader:
+    def _view_batch_loader(self, dataset: Dataset, rank: int, world: int, common: dict[str, Any],
+                           per_task: bool = False) -> DataLoader:
         """R views of each sample in one batch, each sample back every R epochs, at the baseline's steps."""
         from clframe.data.view_batch import ViewBatchLoader, ViewBatchSampler, task_epoch_offset
 
-        if isinstance(dataset, ConcatTaskDataset) and self.hparams.joint_batches == "per_task":
+        if per_task:
             raise ScenarioError("views_per_sample > 1 cannot be combined with joint_batches='per_task'")
         sampler = ViewBatchSampler(len(dataset), self.hparams.batch_size, self.hparams.views_per_sample, self.seed,
                                    task=self.current_task, epoch_offset=task_epoch_offset(self.trainer), rank=rank,

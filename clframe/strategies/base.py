@@ -22,14 +22,22 @@ from clframe.data.stream import Batch, Task, TaskStream
 from clframe.errors import ConfigError, NonFiniteLossError
 from clframe.metrics.task_accuracy import TaskAccuracy
 from clframe.models.factory import create_backbone
+from clframe.models.speed import MemoryFormat, check_memory_format, prepare_backbone, to_float
 from clframe.optim import OPTIMIZERS, Interval, LRSchedulerCallable, OptimizerArg  # noqa: F401 (OPTIMIZERS: re-exported)
 from clframe.strategies.intact import InTAct, InTActConfig
 
 
-def frozen_copy(**parts: nn.Module) -> nn.ModuleDict:
-    """Deep copies of ``parts`` with gradients off, in eval mode: the teacher / reference snapshot that
-    distillation-style terms compare against (LwF, iCaRL, GeRe's KL reference)."""
-    return nn.ModuleDict({name: copy.deepcopy(module) for name, module in parts.items()}).requires_grad_(False).eval()
+class FrozenSnapshot(nn.ModuleDict):
+    """Modules that stay in eval mode when their owner switches to training (fixed dropout and BN statistics)."""
+
+    def train(self, mode: bool = True) -> FrozenSnapshot:
+        return super().train(False)
+
+
+def frozen_copy(**parts: nn.Module) -> FrozenSnapshot:
+    """Deep copies of ``parts`` with gradients off, in eval mode for good: the teacher / reference snapshot
+    that distillation-style terms compare against (LwF, iCaRL, GeRe's KL reference)."""
+    return FrozenSnapshot({name: copy.deepcopy(module) for name, module in parts.items()}).requires_grad_(False).eval()
 
 
 class ContinualModule(L.LightningModule):
@@ -64,6 +72,10 @@ class ContinualModule(L.LightningModule):
         report_task_il: in a class-incremental stream, also score every test pass with the logits masked
             to each sample's task (the DER paper's Task-IL numbers come from the class-IL run scored this
             way): a second matrix ``task_il_accuracy_matrix`` and ``final/til_*`` metrics.
+        memory_format: ``channels_last`` keeps convolution weights and inputs in NHWC layout (faster convolutions
+            on GPUs, notably under ``--trainer.precision=bf16-mixed``); ``contiguous`` is PyTorch's default.
+        compile_backbone: ``torch.compile`` the backbone's forward in place (checkpoints unchanged; see
+            :mod:`clframe.models.speed`).
     """
 
     train_scope: Literal["current", "seen", "all"] = "current"
@@ -96,10 +108,14 @@ class ContinualModule(L.LightningModule):
         lr_scheduler_interval: Interval = "epoch",
         reset_optimizer: bool = True,
         report_task_il: bool = False,
+        memory_format: MemoryFormat = "contiguous",
+        compile_backbone: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise ConfigError(f"lr must be positive, got {lr}")
+        check_memory_format(memory_format)
+        self._memory_format = memory_format
         self._optimizer_carry = optim.OptimizerCarry()
         self._optimizer_factory = optim.optimizer_factory(optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
         self._scheduler_factory = optim.scheduler_factory(lr_scheduler)
@@ -148,6 +164,7 @@ class ContinualModule(L.LightningModule):
 
     def _build(self, num_classes: int, input_shape: tuple[int, ...], scenario: str) -> None:
         self.backbone, self.head = self.build_network(num_classes, input_shape)
+        prepare_backbone(self.backbone, self._memory_format, bool(self.hparams.get("compile_backbone", False)))
         self.scenario = scenario
         if self.hparams.get("intact") is not None:
             config = self.hparams.intact
@@ -216,7 +233,7 @@ class ContinualModule(L.LightningModule):
         if self._eval_pipeline is not None and not self.training and not x.is_floating_point() and x.dim() == 4:
             x = self._eval_pipeline(x)
         if not x.is_floating_point():  # a fresh tensor: normalise it in place
-            x = x.float().div_(255.0)
+            x = to_float(x, self._memory_format).div_(255.0)
             return x.sub_(self.input_mean).div_(self.input_std) if x.dim() == 4 and self._normalize_inputs else x
         if x.dim() == 4 and self._normalize_inputs:
             x = (x - self.input_mean) / self.input_std
