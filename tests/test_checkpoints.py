@@ -397,3 +397,16 @@ def test_every_family_saves_checkpoints_that_load_safely_and_resume(tmp_path, na
     resumed = ContinualTrainer(epochs_per_task=2, logger=False, default_root_dir=tmp_path / "r", **QUIET_TRAINER)
     resumed.fit(model2, datamodule=_data(**data_kw), ckpt_path=files[len(files) // 2])
     assert len(resumed.accuracy_matrix) == 2 and resumed.global_step == trainer.global_step
+
+
+def test_an_option_newer_than_the_checkpoint_left_at_its_default_is_no_difference():
+    from clframe.checkpoints.identity import differences, run_identity
+
+    class _T:
+        epochs_per_task, steps_per_task = 1, None
+
+    now = run_identity(_T(), ER(buffer_size=30), _data())
+    saved = {k: v for k, v in now.items() if k != "model.memory_format"}  # written before the option existed
+    assert "model.memory_format" in now.defaults and differences(saved, now) == []
+    changed = run_identity(_T(), ER(buffer_size=30, memory_format="channels_last"), _data())
+    assert differences(saved, changed) == ['model.memory_format: "<unset>" -> "channels_last"']

@@ -161,6 +161,7 @@ CASES = {
     "SupSup density 0": (["--model=SupSup", "--data.scenario=task", "--model.density=0"], ["density"]),
     "n_tasks 0": (["--data.n_tasks=0"], ["n_tasks"]),
     "strategy option typo": (["--model.buffer_policy=reservoirr"], ["buffer_policy", "did you mean 'reservoir'"]),
+    "device_resident typo": (["--data.device_resident=atuo"], ["data.device_resident", "did you mean 'auto'", "true"]),
     # already handled before this round; kept so they stay handled
     "empty class_order": (["--data.class_order=[]"], ["class order is empty"]),
     "first_task_classes larger than the classes": (["--data.first_task_classes=20"], ["first_task_classes", "1..10"]),

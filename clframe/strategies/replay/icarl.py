@@ -96,7 +96,7 @@ class ExemplarMemory(ReplayBuffer):
         if len(free) < len(y):
             raise RuntimeError(f"exemplar memory full: {len(y)} to insert, {len(free)} free slots")
         self._write(free[: len(y)].cpu(), torch.arange(len(y)), values)
-        self.num_seen += len(y)
+        self.count_seen(len(y))
         self.reindex()
 
     def take(self, slots: Tensor) -> dict[str, Tensor]:
