@@ -3,11 +3,14 @@
     CLFRAME_DATA=/path/to/data python benchmarks/overhead.py                       # Split-MNIST MLP
     CLFRAME_DATA=/path/to/data python benchmarks/overhead.py --benchmark cifar10   # Split-CIFAR-10 small CNN
     CLFRAME_DATA=/path/to/data python benchmarks/overhead.py --profile             # + cProfile of one clframe run
+    CLFRAME_DATA=/path/to/data python benchmarks/overhead.py --benchmark pmnist    # per-task cost: 5, 10, 20 tasks
 
 One experiment, run three ways in one process, repeats interleaved (one warm-up round discarded;
 the order alternates plain, clframe, Avalanche / Avalanche, clframe, plain, so slow drifts of a
 shared machine's load hit every side alike); medians and quartiles of the wall time of each whole
-run are reported, plus the final average accuracy of each side.
+run are reported, plus the final average accuracy of each side. Every run's CPU time (``time.process_time``)
+is recorded beside its wall time: with one thread it is what the run itself cost, so its ratios stay
+meaningful on a machine that other jobs keep busy, where wall times swing by tens of per cent.
 
 The experiment: ER, class-incremental, 5 tasks of 2 classes (natural order), batch 128 new + 128
 replayed, replay memory of 500 samples, 1 epoch per task, plain SGD (lr ``--lr``), unmasked 10-way
@@ -34,6 +37,13 @@ r, so the accuracies' spread over the rounds shows the seed noise.
   10 % fewer forwarded samples in all; counted and reported), and the memory batches are consecutive
   shuffled passes over the 500 samples (the last batch of a pass holds 116) rather than a fresh
   draw every step.
+
+``pmnist`` (how the cost grows with the stream): the same ER on Permuted-MNIST, domain-incremental (one
+shared 10-way head), ``--pmnist-train-per-class`` training and ``--pmnist-test-per-class`` test images per
+class and task, for streams of 5, 10 and 20 tasks, plain and clframe only, every stream length in every
+round. A test of all seen tasks after each task makes the evaluation work grow as T(T+1)/2 on both sides;
+a framework cost per seen task evaluated would make the clframe / plain ratio grow with T. From the three
+lengths, clframe's extra time is fitted exactly as ``run + task * T + seen * T(T+1)/2``.
 
 Data preparation (reading MNIST, decoding the JPEGs, building the stream and Avalanche's benchmark
 from the same tensors) happens once, before timing; each timed run builds its model, optimizer,
@@ -146,6 +156,7 @@ class Experiment:
     replay_batch_size: int = 128
     buffer_size: int = 500
     eval_batch_size: int = 256
+    scenario: str = "class"
 
     def fresh_net(self) -> PlainNet:
         return PlainNet(copy.deepcopy(self.backbone), copy.deepcopy(self.head), self.stream.mean, self.stream.std)
@@ -171,6 +182,23 @@ def build_experiment(name: str, lr: float, cifar_per_class: int) -> Experiment:
 
     return Experiment(name, stream, [tensors(t.train) for t in stream.tasks], [tensors(t.test) for t in stream.tasks],
                       backbone, nn.Linear(backbone.num_features, stream.num_classes), lr)
+
+
+def build_pmnist(n_tasks: int, lr: float, train_per_class: int, test_per_class: int) -> Experiment:
+    """Permuted-MNIST, domain-incremental, ``n_tasks`` permutations; the same MLP initialisation for every length."""
+    dm = ContinualDataModule(source="mnist", scenario="domain", tasks="permutation", n_tasks=n_tasks, normalize=False,
+                             seed=0, train_samples_per_class=train_per_class, test_samples_per_class=test_per_class)
+    stream = dm.stream
+    torch.manual_seed(0)
+    backbone = create_backbone("mlp", (1, 28, 28), hidden_sizes=[400, 400], init="default")
+
+    def tensors(ds) -> tuple[Tensor, Tensor]:
+        x, y, _ = ds.__getitems__(list(range(len(ds))))
+        return x.contiguous(), y.contiguous()
+
+    return Experiment(f"pmnist{n_tasks}", stream, [tensors(t.train) for t in stream.tasks],
+                      [tensors(t.test) for t in stream.tasks], backbone,
+                      nn.Linear(backbone.num_features, stream.num_classes), lr, scenario="domain")
 
 
 # ============================================================================ plain PyTorch
@@ -246,7 +274,7 @@ def run_clframe(exp: Experiment, root: str, seed: int = 0) -> dict[str, Any]:
     dm = ContinualDataModule.from_stream(exp.stream, batch_size=exp.batch_size, eval_batch_size=exp.eval_batch_size)
     net = exp.fresh_net()
     model = ER(backbone=net.backbone, num_classes=exp.stream.num_classes, input_shape=exp.stream.input_shape,
-               scenario="class", optimizer="sgd", lr=exp.lr, buffer_size=exp.buffer_size,
+               scenario=exp.scenario, optimizer="sgd", lr=exp.lr, buffer_size=exp.buffer_size,
                replay_batch_size=exp.replay_batch_size, buffer_seed=seed, mask_unseen_classes=False)
     model.head.load_state_dict(net.head.state_dict())
     trainer = ContinualTrainer(epochs_per_task=1, accelerator="cpu", devices=1, enable_progress_bar=False,
@@ -336,12 +364,12 @@ def measure(exp: Experiment, repeats: int, warmup: int, raw_file: Path) -> dict[
     for r in range(warmup + repeats):
         for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
             with tempfile.TemporaryDirectory() as root:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = fns[side](exp, root, r)  # round r: buffer seed r (plain, clframe), global seed r (Avalanche)
-                wall = time.perf_counter() - t0
-            out = {"wall_s": wall, "final_avg_acc": final_avg(out["accuracy_matrix"]), **out}
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            out = {"wall_s": wall, "cpu_s": cpu, "final_avg_acc": final_avg(out["accuracy_matrix"]), **out}
             tag = "warm-up" if r < warmup else f"repeat {r - warmup + 1}/{repeats}"
-            print(f"  [{tag}] {side:9s} {wall:7.2f} s  final avg acc {100 * out['final_avg_acc']:.2f} %  "
+            print(f"  [{tag}] {side:9s} {wall:7.2f} s (CPU {cpu:6.2f} s)  final avg acc {100 * out['final_avg_acc']:.2f} %  "
                   f"steps {out['steps']}  load {os.getloadavg()[0]:.2f}", flush=True)
             if r >= warmup:
                 runs[side].append(out)
@@ -357,10 +385,17 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, Any]:
     s: dict[str, Any] = {"runs": runs, "median_s": {k: median(v) for k, v in walls.items()},
                          "quartiles_s": {k: quartiles(v) for k, v in walls.items()},
                          "min_max_s": {k: (min(v), max(v)) for k, v in walls.items()}}
+    cpus = {k: [r["cpu_s"] for r in v] for k, v in runs.items()}
+    s["median_cpu_s"] = {k: median(v) for k, v in cpus.items()}
     for a, b in (("clframe", "plain"), ("clframe", "avalanche"), ("avalanche", "plain")):
+        if a not in runs or b not in runs:
+            continue
         paired = [x / y for x, y in zip(walls[a], walls[b], strict=True)]  # same round: same machine load
         s[f"ratio_{a}_over_{b}"] = {"of_medians": median(walls[a]) / median(walls[b]), "paired_median": median(paired),
                                     "paired_min_max": (min(paired), max(paired))}
+        paired = [x / y for x, y in zip(cpus[a], cpus[b], strict=True)]
+        s[f"cpu_ratio_{a}_over_{b}"] = {"of_medians": median(cpus[a]) / median(cpus[b]),
+                                        "paired_median": median(paired), "paired_min_max": (min(paired), max(paired))}
     accs = {k: [r["final_avg_acc"] for r in v] for k, v in runs.items()}
     s["final_avg_acc"] = {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for k, v in accs.items()}
     s["max_abs_diff_plain_vs_clframe_matrix"] = max(  # same round, same seed: the same computation
@@ -371,6 +406,143 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, Any]:
     s["per_step_overhead_ms_clframe_minus_plain"] = 1e3 * (s["median_s"]["clframe"] - s["median_s"]["plain"]) / \
         s["steps"]["clframe"]
     return s
+
+
+# ============================================================================ per-task cost (pmnist)
+PMNIST_TASKS = (5, 10, 20)
+
+
+def measure_scaling(exps: list[Experiment], repeats: int, warmup: int) -> dict[str, Any]:
+    """Plain and clframe on every stream length in every round (orders alternating), as ``measure`` does."""
+    runs: dict[str, dict[str, list[dict]]] = {e.name: {"plain": [], "clframe": []} for e in exps}
+    for r in range(warmup + repeats):
+        for exp in (exps if r % 2 == 0 else exps[::-1]):
+            for side in (("plain", "clframe") if r % 2 == 0 else ("clframe", "plain")):
+                fn = run_plain if side == "plain" else run_clframe
+                with tempfile.TemporaryDirectory() as root:
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    out = fn(exp, root, r)
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                tag = "warm-up" if r < warmup else f"repeat {r - warmup + 1}/{repeats}"
+                print(f"  [{tag}] {exp.name:8s} {side:8s} {wall:6.2f} s (CPU {cpu:6.2f} s)  final avg acc "
+                      f"{100 * final_avg(out['accuracy_matrix']):.2f} %  load {os.getloadavg()[0]:.2f}", flush=True)
+                if r >= warmup:
+                    runs[exp.name][side].append({"wall_s": wall, "cpu_s": cpu, "steps": out["steps"],
+                                                 "accuracy_matrix": out["accuracy_matrix"]})
+    per_t: dict[str, Any] = {}
+    for exp in exps:
+        sides = runs[exp.name]
+        entry: dict[str, Any] = {"tasks": len(exp.train), "steps": sides["clframe"][0]["steps"]}
+        for unit in ("wall_s", "cpu_s"):
+            p, c = ([r[unit] for r in sides[k]] for k in ("plain", "clframe"))
+            paired = [x / y for x, y in zip(c, p, strict=True)]
+            entry[unit] = {"plain": median(p), "clframe": median(c), "ratio_of_medians": median(c) / median(p),
+                           "ratio_paired_median": median(paired), "ratio_paired_min_max": (min(paired), max(paired)),
+                           "extra_s": median(c) - median(p)}
+        entry["max_abs_diff_plain_vs_clframe_matrix"] = max(
+            abs(a - b) for pr, cr in zip(sides["plain"], sides["clframe"], strict=True)
+            for rp, rc in zip(pr["accuracy_matrix"], cr["accuracy_matrix"], strict=True) for a, b in zip(rp, rc, strict=False))
+        per_t[exp.name] = entry
+    fit = {}
+    for unit in ("wall_s", "cpu_s"):  # extra(T) = run + task * T + seen * T(T+1)/2, exact through three lengths
+        ts = [per_t[e.name]["tasks"] for e in exps]
+        a = torch.tensor([[1.0, t, t * (t + 1) / 2] for t in ts], dtype=torch.float64)
+        b = torch.tensor([per_t[e.name][unit]["extra_s"] for e in exps], dtype=torch.float64)
+        run_s, task_s, seen_s = torch.linalg.lstsq(a, b.unsqueeze(1)).solution.flatten().tolist()
+        fit[unit] = {"per_run_ms": 1e3 * run_s, "per_task_ms": 1e3 * task_s, "per_seen_task_ms": 1e3 * seen_s}
+    return {"runs": runs, "per_length": per_t, "extra_fit": fit}
+
+
+def write_scaling_report(exps: list[Experiment], s: dict, mach: dict, command: str, args: argparse.Namespace,
+                         total_s: float) -> str:
+    lines: list[str] = []
+    w = lines.append
+    w("# Per-task cost: Permuted-MNIST with 5, 10 and 20 tasks, plain loop and clframe\n")
+    w(f"Produced by `benchmarks/overhead.py --benchmark pmnist` (method in its docstring). Command:\n\n```bash\n"
+      f"{command}\n```\n")
+    w(f"Machine: {mach['cpu']}, {mach['logical_cpus']} logical CPUs shared with other jobs, no GPU; torch threads "
+      f"{mach['torch_threads']}; Python {mach['python']}, torch {mach['torch']}, lightning {mach['lightning']}. Load "
+      f"average at start {mach['loadavg_at_start'][0]:.2f}. {args.repeats} interleaved rounds after {args.warmup} "
+      f"warm-up round(s); whole script {total_s:.0f} s.\n")
+    e0 = exps[0]
+    w(f"Experiment: ER (memory {e0.buffer_size}, batch {e0.batch_size} + {e0.replay_batch_size} replayed), MLP "
+      f"784-400-400-10, domain-incremental Permuted-MNIST, {len(e0.train[0][1])} training and {len(e0.test[0][1])} "
+      "test images per task, 1 epoch per task, a test of every seen task after every task (batch 256).\n")
+    w("| tasks | steps | plain CPU (s) | clframe CPU (s) | **clframe / plain, CPU** (per-round range) | "
+      "plain wall (s) | clframe wall (s) | clframe / plain, wall (per-round range) |")
+    w("|---|---|---|---|---|---|---|---|")
+    for e in exps:
+        t = s["per_length"][e.name]
+        c, wl = t["cpu_s"], t["wall_s"]
+        w(f"| {t['tasks']} | {t['steps']} | {c['plain']:.2f} | {c['clframe']:.2f} | **{c['ratio_paired_median']:.3f}** "
+          f"({c['ratio_paired_min_max'][0]:.3f}-{c['ratio_paired_min_max'][1]:.3f}) | {wl['plain']:.2f} | "
+          f"{wl['clframe']:.2f} | {wl['ratio_paired_median']:.3f} ({wl['ratio_paired_min_max'][0]:.3f}-"
+          f"{wl['ratio_paired_min_max'][1]:.3f}) |")
+    w("")
+    for unit, label in (("cpu_s", "CPU time"), ("wall_s", "wall time")):
+        f = s["extra_fit"][unit]
+        w(f"clframe's extra {label} fitted as run + task·T + seen·T(T+1)/2: {f['per_run_ms']:.0f} ms per run, "
+          f"{f['per_task_ms']:.1f} ms per task, {f['per_seen_task_ms']:.2f} ms per seen task evaluated.")
+    diffs = [s["per_length"][e.name]["max_abs_diff_plain_vs_clframe_matrix"] for e in exps]
+    w(f"\nAccuracy matrices of plain and clframe differ by at most {max(diffs):.2e} (same computation).")
+    return "\n".join(lines) + "\n"
+
+
+# ============================================================================ dispatch ablation
+def dispatch_ablation(repeats: int) -> str:
+    """Each of clframe's Lightning-dispatch savings switched off alone (and all four together), Split-MNIST ER
+    with a tiny MLP (784-16-10) so the framework's cost dominates; CPU time per run, rounds interleaved."""
+    from lightning.pytorch.profilers import PassThroughProfiler
+
+    import clframe.trainer as ct
+    from clframe.strategies.base import ContinualModule
+
+    exp = build_experiment("mnist", 0.1, 0)
+    torch.manual_seed(0)
+    exp.backbone = create_backbone("mlp", (1, 28, 28), hidden_sizes=[16], init="default")
+    exp.head = nn.Linear(exp.backbone.num_features, exp.stream.num_classes)
+    saved = (ct.PassThrough, ct.skipping_noop_hooks, ContinualModule.__dict__["__setattr__"],
+             ct.ContinualTrainer._first_run_done)
+
+    def restore() -> None:
+        ct.PassThrough, ct.skipping_noop_hooks = saved[0], saved[1]
+        ContinualModule.__setattr__, ct.ContinualTrainer._first_run_done = saved[2], saved[3]
+
+    def off(*names: str) -> Callable[[], None]:
+        def apply() -> None:
+            if "profiler" in names:
+                ct.PassThrough = PassThroughProfiler
+            if "hooks" in names:
+                ct.skipping_noop_hooks = lambda *a: contextlib.nullcontext()
+            if "setattr" in names:
+                ContinualModule.__setattr__ = L.LightningModule.__setattr__
+            if "once" in names:
+                ct.ContinualTrainer._first_run_done = lambda *a: None
+        return apply
+
+    variants: dict[str, Callable[[], None] | None] = {
+        "all on": off(), "Lightning's PassThroughProfiler": off("profiler"), "no hook shadowing": off("hooks"),
+        "nn.Module.__setattr__ for _current_fx_name": off("setattr"), "summary and hparams every run": off("once"),
+        "all four off": off("profiler", "hooks", "setattr", "once"), "plain loop": None}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(repeats + 1):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            restore()
+            with tempfile.TemporaryDirectory() as root:
+                apply = variants[name]
+                if apply is not None:
+                    apply()
+                c0 = time.process_time()
+                (run_plain if apply is None else run_clframe)(exp, root)
+                if r:
+                    cpu[name].append(time.process_time() - c0)
+    restore()
+    base = median(cpu["all on"])
+    lines = ["| variant | CPU s per run (median) | vs all on, ms per step | rounds |", "|---|---|---|---|"]
+    for name, v in cpu.items():
+        lines.append(f"| {name} | {median(v):.3f} | {1e3 * (median(v) - base) / 471:+.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in v)} |")
+    return "\n".join(lines) + "\n"
 
 
 # ============================================================================ profile
@@ -484,6 +656,7 @@ def write_report(exp: Experiment, s: dict, mach: dict, command: str, args: argpa
     w("| wall time per run, median (s) | " + " | ".join(f"**{med[k]:.2f}**" for k in SIDES) + " |")
     w("| quartiles (s) | " + " | ".join(f"{q[k][0]:.2f} - {q[k][1]:.2f}" for k in SIDES) + " |")
     w("| min - max (s) | " + " | ".join(f"{mm[k][0]:.2f} - {mm[k][1]:.2f}" for k in SIDES) + " |")
+    w("| CPU time per run, median (s) | " + " | ".join(f"{s['median_cpu_s'][k]:.2f}" for k in SIDES) + " |")
     w("| training steps | " + " | ".join(str(s["steps"][k]) for k in SIDES) + " |")
     w("| training samples forwarded | " + " | ".join(f"{s['samples'][k]:,}" for k in SIDES) + " |")
     acc = s["final_avg_acc"]
@@ -493,7 +666,10 @@ def write_report(exp: Experiment, s: dict, mach: dict, command: str, args: argpa
     cp, ca = s["ratio_clframe_over_plain"], s["ratio_clframe_over_avalanche"]
     w("| ratio | of the medians | median of per-round ratios | per-round min - max |")
     w("|---|---|---|---|")
-    for label, r in (("clframe / plain", cp), ("clframe / Avalanche", ca), ("Avalanche / plain", s["ratio_avalanche_over_plain"])):
+    for label, r in (("clframe / plain", cp), ("clframe / Avalanche", ca), ("Avalanche / plain", s["ratio_avalanche_over_plain"]),
+                     ("clframe / plain, CPU time", s["cpu_ratio_clframe_over_plain"]),
+                     ("clframe / Avalanche, CPU time", s["cpu_ratio_clframe_over_avalanche"]),
+                     ("Avalanche / plain, CPU time", s["cpu_ratio_avalanche_over_plain"])):
         w(f"| {label} | **{r['of_medians']:.3f}** | {r['paired_median']:.3f} | "
           f"{r['paired_min_max'][0]:.3f} - {r['paired_min_max'][1]:.3f} |")
     w("")
@@ -518,17 +694,21 @@ def write_report(exp: Experiment, s: dict, mach: dict, command: str, args: argpa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--benchmark", choices=("mnist", "cifar10"), default="mnist")
+    ap.add_argument("--benchmark", choices=("mnist", "cifar10", "pmnist"), default="mnist")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default: mnist 5, cifar10 3)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch (and OpenMP) threads")
     ap.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: mnist 0.1, cifar10 0.05)")
     ap.add_argument("--cifar-per-class", type=int, default=1280,
                     help="CIFAR-10 training images per class (1280: 20 steps of 128 per task)")
+    ap.add_argument("--pmnist-train-per-class", type=int, default=200, help="pmnist: training images per class and task")
+    ap.add_argument("--pmnist-test-per-class", type=int, default=100, help="pmnist: test images per class and task")
     ap.add_argument("--profile", action="store_true", help="also cProfile one clframe run")
+    ap.add_argument("--dispatch-ablation", action="store_true",
+                    help="only: each Lightning-dispatch saving switched off alone (tiny MLP, CPU time)")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/overhead_<benchmark>)")
     args = ap.parse_args()
-    args.repeats = args.repeats or (5 if args.benchmark == "mnist" else 3)
+    args.repeats = args.repeats or (5 if args.benchmark in ("mnist", "pmnist") else 3)
     torch.set_num_threads(args.threads)
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
@@ -536,6 +716,17 @@ def main() -> None:
     command = "CLFRAME_DATA=/path/to/data " + ("nice -n -10 " if os.nice(0) < 0 else "") + \
         "python " + " ".join(shlex.quote(a) for a in ["benchmarks/overhead.py", *sys.argv[1:]])
     mach = machine()
+    if args.dispatch_ablation:
+        table = dispatch_ablation(args.repeats)
+        out = (Path(args.out) if args.out else RESULTS / "overhead_dispatch").with_suffix(".md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"# Lightning-dispatch savings, one at a time\n\nCommand:\n\n```bash\n{command}\n```\n\n"
+                       f"{dispatch_ablation.__doc__.split(chr(10))[0]} ... (see its docstring). Machine: {mach['cpu']}, "
+                       f"load average at start {mach['loadavg_at_start'][0]:.2f}.\n\n{table}")
+        print(table)
+        return
+    if args.benchmark == "pmnist":
+        return main_pmnist(args, command, mach, start)
     lr = args.lr or (0.1 if args.benchmark == "mnist" else 0.05)
     exp = build_experiment(args.benchmark, lr, args.cifar_per_class)
     print(f"{args.benchmark}: {sum(len(y) for _, y in exp.train)} training samples, {torch.get_num_threads()} "
@@ -552,6 +743,19 @@ def main() -> None:
     s["runs"] = {k: [{kk: vv for kk, vv in r.items()} for r in v] for k, v in s["runs"].items()}
     stem.with_suffix(".json").write_text(json.dumps({"command": command, "machine": mach, "args": vars(args),
                                                      "total_s": total, **s}, indent=1))
+    print(report)
+
+
+def main_pmnist(args: argparse.Namespace, command: str, mach: dict, start: float) -> None:
+    exps = [build_pmnist(t, args.lr or 0.1, args.pmnist_train_per_class, args.pmnist_test_per_class)
+            for t in PMNIST_TASKS]
+    s = measure_scaling(exps, args.repeats, args.warmup)
+    report = write_scaling_report(exps, s, mach, command, args, time.perf_counter() - start)
+    stem = Path(args.out) if args.out else RESULTS / "overhead_pmnist"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(report)
+    stem.with_suffix(".json").write_text(json.dumps({"command": command, "machine": mach, "args": vars(args), **s},
+                                                    indent=1))
     print(report)
 
 

@@ -1,14 +1,13 @@
-"""Supermask reproductions: SupSup, WSN and ExSSNeT on Split-, Permuted- and Rotated-MNIST.
+"""Supermask measurements that need the trained model: SupSup's task inference under other settings and the
+mask memory per task, for the runs of ``benchmarks/suites/supermask.yaml`` and ``supermask_density.yaml``.
 
-One command runs every job for every seed, each in its own process with one thread, and writes
-``benchmarks/results/supermask.json`` (raw) and ``benchmarks/results/supermask_tables.md``:
+The accuracy tables are the suites' reports (``clframe bench`` / ``clframe report``). This script trains the same
+runs (each suite run's config and overrides) in its own process with one thread, in-process through
+``clframe.cli.run_cli`` so the trained model is still at hand for what the accuracy matrix does not hold:
+SupSup's task inference (per sample, random test batches, bisection, exhaustive) and the mask memory. It writes
+``benchmarks/results/supermask.json`` (raw, with every run's metrics) and ``benchmarks/results/supermask_tables.md``:
 
     CLFRAME_DATA=/path/to/data python benchmarks/supermask.py --seeds 0 1 2 --jobs 2
-
-A job is exactly ``clframe fit --config configs/<config> --seed_everything=<seed> <overrides>`` (the
-tables print that command), run in-process through ``clframe.cli.run_cli`` so the trained model is
-still at hand for what the accuracy matrix does not hold: SupSup's task inference under other
-settings (per sample, random test batches, bisection, exhaustive) and the mask memory per task.
 Protocols, CPU-driven reductions and the published figures are in ``benchmarks/results/supermask.md``.
 """
 
@@ -28,8 +27,9 @@ from typing import Any
 
 import torch
 
+from clframe.bench.suite import load_suite
+
 ROOT = Path(__file__).resolve().parents[1]
-DENSITIES = (0.02, 0.05, 0.1, 0.3)
 
 
 @dataclass(frozen=True)
@@ -40,34 +40,34 @@ class Job:
     inference: dict[str, Any] = field(default_factory=dict)  # SupSup: test samples per task, random-batch size
 
 
-# CPU budget (2 shared cores): WSN on Permuted-MNIST trains 1 epoch per task instead of 5, and the density
-# sweep uses the first 5 of the 10 permutations; every other job runs its config unchanged.
-JOBS = [
-    Job("split_supsup", "split_mnist/supsup_til.yaml"),
-    Job("split_exssnet", "split_mnist/exssnet_til.yaml"),
-    Job("split_wsn", "split_mnist/wsn_til.yaml"),
-    Job("perm_supsup", "permuted_mnist/supsup.yaml", (), {"samples": 1000, "batch": 8}),
-    Job("perm_wsn", "permuted_mnist/wsn.yaml", ("--trainer.epochs_per_task=1",)),
-    *[Job(f"perm_supsup_gg_d{d}", "permuted_mnist/supsup_gg.yaml", ("--data.n_tasks=5", f"--model.density={d}"))
-      for d in DENSITIES],
-    *[Job(f"perm_exssnet_d{d}", "permuted_mnist/exssnet.yaml", ("--data.n_tasks=5", f"--model.density={d}"))
-      for d in DENSITIES],
-    Job("rot_supsup", "rotated_mnist/supsup.yaml",
-        ("--model.backbone_kwargs={hidden_sizes: [300, 100]}", "--data.test_samples_per_class=50"),
-        {"samples": 500, "batch": 128}),
-]
+# The jobs are the runs of the two supermask suites (config and overrides, so the measurements are of the
+# same runs as their tables); SupSup's inference settings (test samples per task, random-batch size) are added here.
+SUITES = ("benchmarks/suites/supermask.yaml", "benchmarks/suites/supermask_density.yaml")
+INFERENCE = {"perm_supsup": {"samples": 1000, "batch": 8}, "rot_supsup": {"samples": 500, "batch": 128}}
+
+
+def suite_jobs() -> list[Job]:
+    jobs = []
+    for path in SUITES:
+        suite = load_suite(ROOT / path)
+        jobs += [Job(run.label, str(suite.config_path(run).resolve().relative_to(ROOT)), (*suite.overrides, *run.overrides),
+                     INFERENCE.get(run.label, {})) for run in suite.runs]
+    return jobs
+
+
+JOBS = suite_jobs()
 BY_NAME = {job.name: job for job in JOBS}
 
 
 def cli_args(job: Job, seed: int, out: Path) -> list[str]:
-    return ["fit", "--config", str(ROOT / "configs" / job.config), f"--seed_everything={seed}", *job.overrides,
+    return ["fit", "--config", str(ROOT / job.config), f"--seed_everything={seed}", *job.overrides,
             f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
             "--trainer.enable_checkpointing=false"]
 
 
 def command(job: Job) -> str:
     extra = " ".join(f"'{o}'" if " " in o else o for o in job.overrides)
-    return f"clframe fit --config configs/{job.config} --seed_everything=SEED {extra}".strip()
+    return f"clframe fit --config {job.config} --seed_everything=SEED {extra}".strip()
 
 
 # ---------------------------------------------------------------------------------------------- SupSup inference
@@ -169,24 +169,8 @@ def tables(results: list[dict[str, Any]]) -> str:
     by_job: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_job.setdefault(r["job"], []).append(r)
-    lines = ["## Accuracy (final average over tasks, %, mean ± sd over seeds)", "",
-             "| job | command | final avg acc | per seed | forgetting | learning acc | s/run |", "|---|---|---|---|---|---|---|"]
-    for job in JOBS:
-        rs = by_job.get(job.name)
-        if not rs:
-            continue
-        accs = [r["final/avg_acc"] for r in rs]
-        lines.append(f"| {job.name} | `{command(job)}` | {mean_sd(accs)} | {', '.join(f'{100 * a:.2f}' for a in accs)} | "
-                     f"{mean_sd([r['final/avg_forgetting'] for r in rs])} | {mean_sd([r['final/learning_acc'] for r in rs])} | "
-                     f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
-    sweep = ["", "## Accuracy vs density, Permuted-MNIST (5 tasks, task id given)", "",
-             "| density | SupSup | ExSSNeT | ExSSNeT − SupSup |", "|---|---|---|---|"]
-    for d in DENSITIES:
-        sup, exs = by_job.get(f"perm_supsup_gg_d{d}"), by_job.get(f"perm_exssnet_d{d}")
-        if sup and exs:
-            gain = statistics.mean(r["final/avg_acc"] for r in exs) - statistics.mean(r["final/avg_acc"] for r in sup)
-            sweep.append(f"| {d:.0%} | {mean_sd([r['final/avg_acc'] for r in sup])} | "
-                         f"{mean_sd([r['final/avg_acc'] for r in exs])} | {100 * gain:+.2f} |")
+    lines = ["## Commands (the suites' runs; accuracy tables: clframe report benchmarks/suites/supermask*.yaml)", ""]
+    lines += [f"- {job.name}: `{command(job)}`" for job in JOBS if job.name in by_job]
     infer = ["", "## SupSup task inference on the final model (all tasks learned), accuracy %", ""]
     for name in ("perm_supsup", "rot_supsup"):
         rs = by_job.get(name)
@@ -208,7 +192,7 @@ def tables(results: list[dict[str, Any]]) -> str:
             memory.append(f"| {job.name} | {m['weights']:.0f} | {m['bits_per_task']:.0f} ({m['bits_per_task'] / 8192:.1f} KiB) | "
                           f"{m['entropy_bits_per_task']:.0f} | {m.get('huffman_bits_per_task', float('nan')):.0f} | "
                           f"{m['density']:.3f} | {m['capacity']:.3f} |")
-    return "\n".join(lines + sweep + infer + memory) + "\n"
+    return "\n".join(lines + infer + memory) + "\n"
 
 
 def main() -> None:

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from clframe.strategies.base import ContinualModule
+from clframe import static_catalog
+
+if TYPE_CHECKING:
+    from clframe.strategies.base import ContinualModule
 
 # Packages whose strategies are listed; importing them registers their ContinualModule subclasses.
 STRATEGY_PACKAGES = ("clframe.strategies", "clframe.strategies.interval", "clframe.strategies.prompt")
@@ -28,13 +33,10 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3].rsplit(" ", 1)[0] + " ..."
 
 
-def _first_line(obj: object) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
-
-
 def strategies() -> dict[str, type[ContinualModule]]:
     """The strategies the strategy packages export (``__all__``), by class name, in name order."""
+    from clframe.strategies.base import ContinualModule
+
     found: dict[str, type[ContinualModule]] = {}
     for package in STRATEGY_PACKAGES:
         try:
@@ -48,6 +50,16 @@ def strategies() -> dict[str, type[ContinualModule]]:
             if inspect.isclass(obj) and issubclass(obj, ContinualModule) and not name.endswith("Module"):
                 found.setdefault(name, obj)
     return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+
+
+def callbacks() -> dict[str, type]:
+    """The callback classes ``clframe.callbacks`` exports, by name; importing them is what lists them among
+    the known callbacks of ``clframe fit --help`` (the package imports them only on first use)."""
+    import lightning as L
+
+    module = importlib.import_module("clframe.callbacks")
+    found = {name: getattr(module, name) for name in module.__all__}
+    return {name: obj for name, obj in found.items() if inspect.isclass(obj) and issubclass(obj, L.Callback)}
 
 
 def init_options(cls: type) -> list[str]:
@@ -79,15 +91,25 @@ def example_configs() -> list[str]:
                   if p.parent.name not in ("sweeps", "loggers") and p.parent != root)
 
 
+def strategy_summaries() -> dict[str, str]:
+    """{strategy: first line of its docstring}, read from the source files (see :mod:`clframe.static_catalog`)
+    so that ``clframe --help`` needs neither Lightning nor torch; from the classes once Lightning is loaded
+    (importing them is then cheap: ``clframe fit``) or when the install ships no source files."""
+    found = {} if "lightning" in sys.modules else static_catalog.strategy_summaries(STRATEGY_PACKAGES)
+    if found:
+        return found
+    return {name: (inspect.getdoc(cls) or "").strip().split("\n")[0] for name, cls in strategies().items()}
+
+
 def describe() -> str:
-    """The catalogue as plain text for ``clframe --help``."""
+    """The catalogue as plain text for ``clframe --help`` (without importing Lightning or torch)."""
     lines = ["strategies (--model=<name>, or model.class_path in a config):"]
-    found = strategies()
+    found = strategy_summaries()
     width = max(16, *(len(name) + 2 for name in found))
-    for name, cls in found.items():
-        lines.append(f"  {name:<{width}}{_shorten(_first_line(cls), 100 - width)}")
+    for name, summary in found.items():
+        lines.append(f"  {name:<{width}}{_shorten(summary, 100 - width)}")
     lines += ["", "data sources (--data.source=<name>; offline root: $CLFRAME_DATA or --data.data_root):",
-              "  " + ", ".join(source_names()),
+              "  " + ", ".join(static_catalog.source_names() or source_names()),
               "", "scenarios (--data.scenario=<name>):"]
     lines += [f"  {name:<16}{text}" for name, text in SCENARIOS.items()]
     configs = example_configs()

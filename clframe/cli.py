@@ -24,17 +24,13 @@ from clframe import catalog, reporting
 from clframe.config_tags import refuse_python_tags
 from clframe.data.datamodule import ContinualDataModule
 from clframe.diagnose import chain, debug_requested, explain, explain_parser_value
+from clframe.entry import DESCRIPTION
 from clframe.errors import ClframeError, ConfigError
 from clframe.strategies.base import ContinualModule
 from clframe.trainer import ContinualTrainer
 
 DEFAULT_CONFIG = Path(__file__).with_name("default_config.yaml")
 SEED_MAX = 2**32 - 1
-DESCRIPTION = ("clframe: continual learning on PyTorch Lightning.\n"
-               "Run `clframe fit --config configs/<benchmark>/<strategy>.yaml`; dotted options override the config.\n"
-               "Suites of runs (methods x seeds): `clframe bench SUITE.yaml --jobs N`, `clframe report SUITE.yaml`, "
-               "`clframe compare RUN_DIR...` (see `clframe bench --help`).\n"
-               "Errors end in one paragraph; add --debug (or set CLFRAME_DEBUG=1) to see the full traceback.")
 
 
 class _CatalogHelpFormatter(DefaultHelpFormatter):
@@ -154,6 +150,14 @@ def explain_parser_error(message: str, parser: Any = None) -> str:
         allowed = f"; its options: {', '.join(options)}" if options else ""
         return (f"{key or 'model'}.init_args.{m.group(2)}: {m.group(1)} has no option {m.group(2)!r}"
                 f"{_did_you_mean(m.group(2), options)}{allowed}")
+    if (m := re.search(r"class_path '[\w.]+':\s*\n\s*Parser key \"([\w.]+)\":\s*\n\s*Does not validate against any "
+                       r"of the Union subtypes[\s\S]*?Given value: (.*)", message)) and "- Expected a typing.Literal[" in message:
+        # an option typed as a union of choices (e.g. ``bool | Literal["auto"]``): name every choice
+        block = message[m.start(): m.end()]
+        allowed = [a for g in re.findall(r"- Expected a typing\.Literal\[(.*)\]", block) for a in g.split(",")]
+        allowed += ["true", "false"] if "- Expected a <class 'bool'>" in block else []
+        name = f"data.{m.group(1)}" if key == "data" else f"{key or 'model'}.init_args.{m.group(1)}"
+        return _not_allowed(name, ",".join(allowed), m.group(2))
     if m := re.search(r"Problem with given class_path '([\w.]+)':\s*\n\s*Parser key \"([\w.]+)\":\s*\n\s*(.+)", message):
         if lit := re.search(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", m.group(3)):
             allowed = [a.strip().strip("'\"") for a in lit.group(1).split(",")]
@@ -193,6 +197,7 @@ class ContinualCLI(LightningCLI):
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
         refuse_python_tags(sys.argv[1:] if args is None else list(args))
         catalog.strategies()  # import every strategy family, so short names (--model=HyperInterval) resolve
+        catalog.callbacks()  # listed among the known callbacks of `fit --help`
         self.argv = list(sys.argv[1:] if args is None else args)
         super().__init__(
             model_class=ContinualModule,

@@ -58,8 +58,18 @@ class ExactResumeFitLoop(_FitLoop):
                         "epoch" if self._restored_in_epoch_end() else None)
         if self._finish is None:
             super().reset()
+            self._uncount_restarted_validation_batch()
         else:  # Lightning's restart bookkeeping would skip the work: it is done in on_run_start instead
             torch.set_grad_enabled(True)
+
+    def _uncount_restarted_validation_batch(self) -> None:
+        """Restored inside a validation (a batch started, not processed: what a SIGTERM there saves, see
+        checkpoints/preemption.py), Lightning runs that validation again but keeps the started batch in its
+        running totals; drop it, so the totals match the uninterrupted run's."""
+        val = self.epoch_loop.val_loop
+        if val.restarted_mid_evaluation:
+            total = val.batch_progress.total
+            total.ready = total.started = total.processed
 
     def on_run_start(self) -> None:
         super().on_run_start()  # on_train_start hooks first, as in the uninterrupted run

@@ -13,19 +13,21 @@ later per-task fits reuse the same processes. The data module shards every loade
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
 import os
 import random
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -44,6 +46,7 @@ from clframe.console import QuietRepeats, install_filters
 from clframe.data.datamodule import ContinualDataModule
 from clframe.data.stream import Task
 from clframe.errors import CheckpointError, ConfigError
+from clframe.hooks import PassThrough, skipping_noop_hooks
 from clframe.loggers import log_stream_to_wandb
 from clframe.loops import ExactResumeFitLoop
 from clframe.metrics.matrix import summarize_matrix, unavailable_metrics
@@ -242,6 +245,8 @@ class ContinualTrainer(L.Trainer):
         kwargs.pop("max_epochs", None)
         if kwargs.get("logger") in (None, True):
             kwargs["logger"] = CSVLogger(kwargs.get("default_root_dir") or os.getcwd(), name="lightning_logs")
+        if kwargs.get("profiler") is None and not kwargs.get("barebones"):
+            kwargs["profiler"] = PassThrough()  # Lightning's default, without a context object per hook call
         self.progress = StreamProgress()
         callbacks = kwargs.get("callbacks") or []
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.progress, RunFolder(), QuietRepeats()]
@@ -263,6 +268,7 @@ class ContinualTrainer(L.Trainer):
         self.epochs_per_task = epochs_per_task
         self.steps_per_task = steps_per_task
         self.eval_after_task = eval_after_task
+        self.evaluating_stream = False  # inside evaluate_seen_tasks
         self.continual_results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ the stream loop
@@ -284,18 +290,45 @@ class ContinualTrainer(L.Trainer):
             ckpt_path = self.resolve_checkpoint(ckpt_path)
         start = self._resume_point(ckpt_path) if ckpt_path is not None else 0
         announce_log_folder(log_folder(self), "start")  # after _resume_point: a resumed run's own folder
-        if ckpt_path is None:
-            self.progress.rows, self.progress.val_rows, self.progress.til_rows = [], [], []
-            self.progress.initial = None
-            if self.eval_after_task and datamodule.hparams.eval_all_tasks:
-                datamodule.set_task(0)
-                self.progress.initial = self.evaluate_seen_tasks(model, datamodule, log=False)
-        for task in stream.tasks[start:]:
-            self._run_task(model, datamodule, task, ckpt_path, **kwargs)
-            ckpt_path, kwargs = None, {}
-            if self.interrupted:
-                return
-        self._finish(model, datamodule)
+        with skipping_noop_hooks(self, model), self._once_per_stream(model, datamodule):
+            if ckpt_path is None:
+                self.progress.rows, self.progress.val_rows, self.progress.til_rows = [], [], []
+                self.progress.initial = None
+                if self.eval_after_task and datamodule.hparams.eval_all_tasks:
+                    datamodule.set_task(0)
+                    self.progress.initial = self.evaluate_seen_tasks(model, datamodule, log=False)
+            for task in stream.tasks[start:]:
+                self._run_task(model, datamodule, task, ckpt_path, **kwargs)
+                ckpt_path, kwargs = None, {}
+                if self.interrupted:
+                    return
+            self._finish(model, datamodule)
+
+    @contextlib.contextmanager
+    def _once_per_stream(self, model: ContinualModule, datamodule: ContinualDataModule) -> Iterator[None]:
+        """The model summary and the hyperparameters go out with the stream's first fit or test, not again
+        with each of the two Lightning runs per task (the same table printed, the same ``hparams.yaml``
+        rewritten: tens of milliseconds a task). ``_first_run_done`` switches them off; they are back on after."""
+        self._undo_once: list[Any] | None = []
+        callbacks = list(self.callbacks)
+        try:
+            yield
+        finally:
+            undo, self._undo_once = self._undo_once, None
+            for step in reversed(undo or []):
+                step()
+            self.callbacks[:] = callbacks + [cb for cb in self.callbacks if cb not in callbacks]
+
+    def _first_run_done(self, model: ContinualModule, datamodule: ContinualDataModule) -> None:
+        undo = getattr(self, "_undo_once", None)
+        if undo is None or undo:
+            return  # outside ``fit``, or done already
+        self.callbacks[:] = [cb for cb in self.callbacks if not isinstance(cb, ModelSummary)]
+        undo.append(lambda: None)  # done, even with nothing else to undo
+        for owner in (model, datamodule):
+            if getattr(owner, "_log_hyperparams", False):
+                object.__setattr__(owner, "_log_hyperparams", False)
+                undo.append(lambda owner=owner: object.__setattr__(owner, "_log_hyperparams", True))
 
     def _set_task_budget(self, model: ContinualModule, stream_tasks: list[Task], upto: int) -> None:
         """Cumulative epoch (or step) limit at the end of task ``upto``: derived, so resuming needs no state."""
@@ -324,6 +357,7 @@ class ContinualTrainer(L.Trainer):
             self.fit_loop._combined_loader = None  # serve the new task's data, not the cached loader
             rank_zero_info(f"clframe: task {task.id + 1}/{len(datamodule.stream)}, classes {list(task.classes)}")
             super().fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **fit_kwargs)
+            self._first_run_done(model, datamodule)
             _release_process_group_at_exit()
             if self.interrupted:
                 return
@@ -348,14 +382,17 @@ class ContinualTrainer(L.Trainer):
         bar = self.progress_bar_callback
         if bar is not None:
             bar.disable()  # one line per task is enough; the per-loader test bars are noise
+        self.evaluating_stream = True  # a SIGTERM now still saves last.ckpt (checkpoints/preemption.py)
         try:
             if split == "val":
                 self.validate(model, datamodule=datamodule, verbose=False)
             else:
                 self.test(model, datamodule=datamodule, verbose=False)
         finally:
+            self.evaluating_stream = False
             if bar is not None:
                 bar.enable()
+        self._first_run_done(model, datamodule)
         row = list(model.eval_accuracy) + [math.nan] * (len(datamodule.stream) - len(model.eval_accuracy))
         if not log:
             return row
@@ -399,8 +436,6 @@ class ContinualTrainer(L.Trainer):
 
     def _resume_point(self, ckpt_path: str | Path) -> int:
         path = Path(ckpt_path)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .ckpt file written by this run")
         ckpt = load_checkpoint(path, trust=self.trust_checkpoints)
         state = ckpt.get("callbacks", {}).get(StreamProgress.state_key)
         if state is None:

@@ -107,6 +107,9 @@ def test_grid_expands_with_named_choices_and_formats_every_field(tmp_path):
     ({"runs": [{"label": "a", "config": "x", "overrides": ["model.lr=1"]}]}, "--key=value"),
     ({"runs": [{"label": "a", "config": "x"}], "reference": {"values": {"a": "about 3"}}}, "mean ± sd"),
     ({"runs": []}, "non-empty list"),
+    ({"runs": [{"label": "a", "config": "x", "column": "c"}], "differences": [{"a": "c", "b": "d"}]}, "column 'd'"),
+    ({"runs": [{"label": "a", "config": "x"}], "metrics": [{"name": "m", "digits": -1}]}, "digits"),
+    ({"runs": [{"label": "a", "config": "x"}], "differences": [{"a": "", "b": "", "metric": "z"}]}, "'z'"),
 ])
 def test_bad_suites_are_refused_with_the_key(raw, words):
     with pytest.raises(SuiteError, match=None) as err:
@@ -219,6 +222,75 @@ def test_report_of_a_folder_and_any_logged_metric(fake_fit, capsys):
     out = capsys.readouterr().out
     forg = [100 * (0.5 - (0.5 + 0.01 * s * s) / 2) for s in (0, 1, 2)]
     assert f"{statistics.mean(forg):.2f} ± {statistics.stdev(forg):.2f} (3)" in out
+
+
+def _fake_run(folder: Path, acc: float, seconds: float, steps: int) -> None:
+    """A finished run folder as ``clframe bench`` leaves it: bench.json, results.json and metrics.csv."""
+    log = folder / "lightning_logs" / "version_0"
+    log.mkdir(parents=True)
+    (folder / "bench.json").write_text(json.dumps({"status": "done", "seconds": seconds}))
+    (log / "results.json").write_text(json.dumps({"metrics": {"final/avg_acc": acc}, "accuracy_matrix": [[acc]]}))
+    (log / "metrics.csv").write_text("epoch,step,train/loss\n0,4,1.0\n0," + f"{steps},0.5\n")
+
+
+COLUMN_SUITE = {"seeds": [0, 1],
+                "metrics": ["final/avg_acc", {"name": "run/seconds", "title": "s/run", "scale": 1, "digits": 0},
+                            {"name": "run/steps", "title": "steps", "scale": 1, "digits": 0}],
+                "runs": [{"grid": {"method": ["a", "b"], "scenario": ["x", "y"]}, "label": "{method}_{scenario}",
+                          "config": "c.yaml", "row": "method {method}", "column": "{scenario}"}],
+                "differences": [{"title": "y - x", "a": "y", "b": "x"}],
+                "reference": {"source": "paper", "notes": {"method a": "expected: y above x"}}}
+
+
+def test_report_shows_run_facts_per_metric_digits_differences_and_notes(tmp_path):
+    suite = suite_from_dict({**COLUMN_SUITE, "out": str(tmp_path)})
+    for run, seed in suite.jobs():
+        acc = {"a_x": 0.5, "a_y": 0.6, "b_x": 0.7, "b_y": 0.65}[run.label] + 0.02 * seed
+        _fake_run(suite.run_dir(run, seed), acc, seconds=100 + 10 * seed, steps=200)
+    md = write_report(suite, plots=False).markdown
+    head = next(line for line in md.splitlines() if line.startswith("| run"))
+    assert head == ("| run | x: final/avg_acc | x: s/run | x: steps | y: final/avg_acc | y: s/run | y: steps | y - x "
+                    "| published / expected |")
+    row_a = next(line for line in md.splitlines() if line.startswith("| method a"))
+    assert "51.00 ± 1.41 (2) | 105 ± 7 (2) | 200 ± 0 (2)" in row_a and "| +10.00 |" in row_a
+    assert row_a.endswith("| expected: y above x |")
+    row_b = next(line for line in md.splitlines() if line.startswith("| method b"))
+    assert "| -5.00 |" in row_b and row_b.endswith("| – |")
+
+
+def test_report_from_json_reads_the_results_file_of_an_earlier_script(tmp_path, capsys):
+    suite_path = tmp_path / "s.yaml"
+    suite_path.write_text(yaml.safe_dump({**COLUMN_SUITE, "out": str(tmp_path / "runs")}))
+    legacy = [{"method": m, "scenario": sc, "seed": seed, "seconds": 60.0, "steps": 30,
+               **({"metrics": {"final/avg_acc": acc}} if m == "a" else {"final/avg_acc": acc})}
+              for m, sc, acc in [("a", "x", 0.5), ("a", "y", 0.6), ("b", "x", 0.7)] for seed in (0, 1)]
+    (tmp_path / "old.jsonl").write_text("\n".join(json.dumps(o) for o in legacy) + "\n")
+    (tmp_path / "old.json").write_text(json.dumps({"runs": legacy}))
+    for name in ("old.jsonl", "old.json"):
+        assert bench_main(["report", str(suite_path), "--from-json", str(tmp_path / name), "--key",
+                           "{method}_{scenario}", "--no-plots"]) == 0
+        out = capsys.readouterr().out
+        assert "| method a | 50.00 ± 0.00 (2) | 60 ± 0 (2) | 30 ± 0 (2) | 60.00 ± 0.00 (2)" in out
+        assert "| method b | 70.00 ± 0.00 (2) |" in out and "Missing 2 run(s): b_y seeds 0, 1 (not in old." in out
+    assert bench_main(["report", str(suite_path), "--from-json", str(tmp_path / "old.json"), "--key", "{job}"]) == 2
+    assert "no field for --key" in capsys.readouterr().err
+
+
+STORED = [("stability_gap", "stability_gap.json", "{run}", "1"), ("hyperinterval", "hyperinterval.json", "{job}", "2"),
+          ("supermask", "supermask.json", "{job}", "2"), ("supermask_density", "supermask.json", "{job}", "2"),
+          ("view_batch", "view_batch.json", "{benchmark}_{variant}", "2"), ("prompt", "prompt.json", "{config}", "2"),
+          ("intact", "intact.json", "{benchmark}_{config}", "2"), ("prompt_intact", "prompt_intact.json", "{config}", "2")]
+
+
+@pytest.mark.parametrize("suite, stored, key, digits", STORED)
+def test_results_tables_are_the_reports_of_the_stored_runs(suite, stored, key, digits, tmp_path, capsys):
+    """benchmarks/RESULTS.md shows, row for row, what `clframe report --from-json` makes of the stored runs."""
+    assert bench_main(["report", str(ROOT / f"benchmarks/suites/{suite}.yaml"), "--from-json",
+                       str(ROOT / f"benchmarks/results/{stored}"), "--key", key, "--digits", digits,
+                       "--report-dir", str(tmp_path), "--no-plots"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    results = (ROOT / "benchmarks/RESULTS.md").read_text().splitlines()
+    assert len(table) > 2 and [line for line in table if line not in results] == []
 
 
 def test_compare_shows_config_differences_metrics_and_matrices(fake_fit):

@@ -455,3 +455,17 @@ def test_checkpoint_without_bookkeeping_is_rebuilt_from_the_labels() -> None:
     more = torch.arange(500, 700)
     fresh.add(more.to(torch.uint8).unsqueeze(1), more % 8, torch.zeros_like(more), logits=fake_logits(more))
     recount(fresh)
+
+
+def test_reservoir_insert_counts_on_the_host_and_reloads_the_count():
+    """The stream position is kept on the host (no device read-back per step) and restored on load."""
+    a = ReplayBuffer(8, seed=0)
+    for i in range(5):
+        a.add(torch.full((3, 2), i), torch.arange(3), torch.zeros(3))
+    b = ReplayBuffer(8, seed=0)
+    b.load_state_dict(a.state_dict())
+    assert len(b) == len(a) == 8 and b._seen_on_host == 15 == int(b.num_seen)
+    x = torch.randn(4, 2)
+    a.add(x, torch.arange(4), torch.zeros(4))
+    b.add(x, torch.arange(4), torch.zeros(4))
+    assert torch.equal(a.data_x, b.data_x) and int(a.num_seen) == int(b.num_seen) == 19

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
@@ -23,7 +24,8 @@ from clframe.checkpoints import load_checkpoint, verify_checkpoint, write_checkp
 from clframe.cli import main, run_cli
 from clframe.errors import CheckpointError
 from tests.conftest import QUIET_TRAINER
-from tests.helpers.signals import SignalAtStep
+from tests.helpers.resume import Case, assert_resumed_exactly, assert_same_matrix_and_weights, run_case
+from tests.helpers.signals import SignalAtStep, SignalInValidation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,10 +276,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(tmp_path):
         _run(tmp_path / "killed", tmp_path / "ck", callbacks=[SignalAtStep(5)])
     assert exit_.value.code == 143
     assert load_checkpoint(tmp_path / "ck" / "last.ckpt")["global_step"] == 5
-    resumed, model = _run(tmp_path / "killed", tmp_path / "ck", ckpt_path="last")
-    np.testing.assert_array_equal(resumed.accuracy_matrix, full.accuracy_matrix)
-    for (name, x), (_, y) in zip(full_model.state_dict().items(), model.state_dict().items(), strict=True):
-        assert not isinstance(x, torch.Tensor) or torch.equal(x, y), name
+    assert_same_matrix_and_weights((full, full_model), _run(tmp_path / "killed", tmp_path / "ck", ckpt_path="last"))
 
 
 def test_sigterm_saves_last_ckpt_even_without_save_last(tmp_path):
@@ -294,6 +293,49 @@ def test_sigterm_saves_last_ckpt_even_without_save_last(tmp_path):
     assert exit_.value.code == 143
     assert load_checkpoint(tmp_path / "ck" / "last.ckpt")["global_step"] == 3
     np.testing.assert_array_equal(run("last").accuracy_matrix, run().accuracy_matrix)
+
+
+VALIDATED = Case(lambda: ER(buffer_size=30, lr=0.05, backbone_kwargs={"hidden_sizes": [32], "dropout": 0.2}),
+                 {"source": "digits", "n_tasks": 2, "batch_size": 16, "train_samples_per_class": 40,
+                  "test_samples_per_class": 8, "val_fraction": 0.2, "eval_batch_size": 8},
+                 {"epochs_per_task": 2})
+
+
+class Validations(L.Callback):
+    """Every finished validation (sanity checks aside): when it ran, and the accuracies it measured."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[str, int, int, str]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.done.append((trainer.state.fn, trainer.global_step, trainer.current_epoch, repr(pl_module.eval_accuracy)))
+
+
+def _with(case: Case, *callbacks: L.Callback, **trainer_kw) -> Case:
+    return dataclasses.replace(case, trainer={**case.trainer, **trainer_kw},
+                               callbacks=lambda: [*case.callbacks(), *callbacks])
+
+
+@pytest.mark.parametrize(("run", "batch", "every"), [(1, 1, 1.0), (3, 2, 1.0), (5, 0, 1.0), (1, 1, 0.5)],
+                         ids=["first epoch", "after task 0", "last epoch of task 1", "mid-epoch"])
+def test_sigterm_during_validation_saves_a_checkpoint_that_resumes_exactly(tmp_path, run, batch, every):
+    """SIGTERM while a validation runs (Lightning stops after the running validation batch): 143, a
+    last.ckpt, and a resumed run that validates again from that validation on and ends bit for bit where the
+    uninterrupted one does. Validations 1, 2, 4, 5 are the fit's epoch ends; 3 is the evaluation after task 0;
+    with ``val_check_interval=0.5``, 1 is in the middle of the first epoch."""
+    case = _with(VALIDATED, val_check_interval=every)
+    full_log, killed_log, resumed_log = Validations(), Validations(), Validations()
+    full = run_case(_with(case, full_log), tmp_path / "full")
+    killed = _with(case, ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=0), SignalInValidation(run, batch),
+                   killed_log, enable_checkpointing=True)
+    with pytest.raises(SystemExit) as exit_:
+        run_case(killed, tmp_path / "killed")
+    assert exit_.value.code == 143 and len(killed_log.done) == run - 1
+    # save_top_k=0 and no save_last: only the SIGTERM handler writes last.ckpt
+    resumed = run_case(_with(case, resumed_log), tmp_path / "resumed", ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert_resumed_exactly(full, resumed, f"resumed from SIGTERM in validation {run}")
+    assert resumed_log.done == full_log.done[run - 1:]  # the interrupted validation ran again, and each one once
 
 
 @pytest.mark.slow
@@ -355,3 +397,16 @@ def test_every_family_saves_checkpoints_that_load_safely_and_resume(tmp_path, na
     resumed = ContinualTrainer(epochs_per_task=2, logger=False, default_root_dir=tmp_path / "r", **QUIET_TRAINER)
     resumed.fit(model2, datamodule=_data(**data_kw), ckpt_path=files[len(files) // 2])
     assert len(resumed.accuracy_matrix) == 2 and resumed.global_step == trainer.global_step
+
+
+def test_an_option_newer_than_the_checkpoint_left_at_its_default_is_no_difference():
+    from clframe.checkpoints.identity import differences, run_identity
+
+    class _T:
+        epochs_per_task, steps_per_task = 1, None
+
+    now = run_identity(_T(), ER(buffer_size=30), _data())
+    saved = {k: v for k, v in now.items() if k != "model.memory_format"}  # written before the option existed
+    assert "model.memory_format" in now.defaults and differences(saved, now) == []
+    changed = run_identity(_T(), ER(buffer_size=30, memory_format="channels_last"), _data())
+    assert differences(saved, changed) == ['model.memory_format: "<unset>" -> "channels_last"']

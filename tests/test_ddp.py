@@ -81,7 +81,7 @@ def test_data_module_serves_this_ranks_shard():
     for rank in range(2):
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
         train = dm.train_dataloader()
-        served[rank] = (list(train.sampler), [list(dl.sampler) for dl in dm.test_dataloader()])
+        served[rank] = (list(train.sampler), dm.test_dataloader().batch_sampler.task_indices())
     dm.trainer = None
     (train0, test0), (train1, test1) = served[0], served[1]
     n = len(dm.stream.tasks[2].train)
@@ -184,13 +184,16 @@ class DDPProbe(L.Callback):
         self._tested = {}
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._tested[dataloader_idx] = self._tested.get(dataloader_idx, 0) + len(batch[1])
+        task = int(batch[2][0])  # one loader, single-task batches
+        assert (batch[2] == task).all()
+        self._tested[task] = self._tested.get(task, 0) + len(batch[1])
 
     def on_test_end(self, trainer, pl_module) -> None:
-        loaders = trainer.test_dataloaders
-        self.record["test"].append({"local": [self._tested.get(i, 0) for i in range(len(loaders))],
-                                    "indices": [list(dl.sampler) for dl in loaders],
-                                    "sizes": [len(dl.dataset) for dl in loaders],
+        loader = trainer.test_dataloaders
+        sizes = loader.batch_sampler.lengths
+        self.record["test"].append({"local": [self._tested.get(i, 0) for i in range(len(sizes))],
+                                    "indices": loader.batch_sampler.task_indices(),
+                                    "sizes": sizes,
                                     "reduced": pl_module._task_accuracy.last_seen.tolist()})
         self._dump(trainer)
 
@@ -311,10 +314,6 @@ def test_a_gloo_process_group_is_destroyed_at_exit_not_left_to_interpreter_shutd
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="seen once in CI before the fix: an abort ('terminate called without an "
-                   "active exception', SIGABRT) during the last of the 2 tasks under gloo; the trainer now destroys the "
-                   "gloo group in an atexit hook (the mechanism of pytorch/pytorch#179291); non-strict until CI "
-                   "has run it clean many times")
 def test_view_batch_under_two_process_ddp(tmp_path):
     """The view-batch model under DDP: each rank's batches are whole view groups (the slice is cut from
     the global index list), the SSL term is computed on every rank, and both ranks keep the

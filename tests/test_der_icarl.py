@@ -10,10 +10,8 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn import functional as F
 
 from clframe import ContinualDataModule, ContinualTrainer
@@ -23,6 +21,7 @@ from clframe.errors import ConfigError
 from clframe.strategies import DER, DERpp, ICaRL
 from clframe.strategies.replay.icarl import herding
 from tests.conftest import QUIET_TRAINER
+from tests.helpers.resume import assert_same_matrix_and_weights, fit_saving_every_step
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS_ORDER = list(range(9))  # 3 tasks x 3 classes
@@ -243,26 +242,17 @@ def test_icarl_checkpoint_round_trip(icarl_run, tmp_path) -> None:
 
 
 def _icarl_every_step(root: Path, ckpt_path: Path | None = None):
-    L.seed_everything(0)
-    dm = ContinualDataModule(source="digits", n_tasks=3, batch_size=64, class_order=list(range(6)))
-    model = ICaRL(buffer_size=24, lr=0.1)
-    ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    trainer = ContinualTrainer(epochs_per_task=2, logger=False, callbacks=[ckpt], default_root_dir=root,
-                               **{**QUIET_TRAINER, "enable_checkpointing": True})
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    return trainer, model
+    return fit_saving_every_step(root, lambda: ICaRL(buffer_size=24, lr=0.1),
+                                 {"source": "digits", "n_tasks": 3, "batch_size": 64, "class_order": list(range(6))},
+                                 ckpt_path)
 
 
 def test_icarl_resume_mid_task_is_bit_exact(tmp_path) -> None:
     """Resumed inside task 1 (teacher, exemplars merged into the epoch): the same run to the last bit."""
-    full_trainer, full = _icarl_every_step(tmp_path / "full")
-    per_epoch = full_trainer.global_step // 6
+    full = _icarl_every_step(tmp_path / "full")
+    per_epoch = full[0].global_step // 6
     step = 2 * per_epoch + per_epoch // 2 + 1  # second task, first epoch, mid-epoch
-    trainer, resumed = _icarl_every_step(tmp_path / "resumed", tmp_path / "full" / f"step={step}.ckpt")
-    np.testing.assert_array_equal(trainer.accuracy_matrix, full_trainer.accuracy_matrix)
-    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
-        if isinstance(a, torch.Tensor):
-            assert torch.equal(a, b), name
+    assert_same_matrix_and_weights(full, _icarl_every_step(tmp_path / "resumed", tmp_path / "full" / f"step={step}.ckpt"))
 
 
 def test_icarl_with_continual_evaluation_and_task_incremental_streams(tmp_path) -> None:

@@ -5,17 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.nn import functional as F
 
 from clframe import ER, ContinualDataModule, ContinualTrainer
 from clframe.errors import ConfigError
 from clframe.strategies.replay.view_batch import ViewBatchConfig
 from tests.conftest import QUIET_TRAINER
+from tests.helpers.resume import assert_same_matrix_and_weights, fit_saving_every_step
 
 REPO = Path(__file__).resolve().parents[1]
 STABILITY_GAP_ER_CONFIGS = sorted(REPO.glob("configs/*/er_stability_gap.yaml"))
@@ -128,25 +127,19 @@ def test_bad_buffer_update_is_refused():
         ER(buffer_update="task_end", view_batch=ViewBatchConfig())
 
 
-def _every_step_run(root: Path, ckpt_path: Path | None = None) -> tuple[ContinualTrainer, ER]:
-    L.seed_everything(0)
-    data = ContinualDataModule(source="digits", n_tasks=2, batch_size=64, class_order=list(range(4)))
-    model = ER(buffer_size=40, buffer_policy="class_balanced", buffer_update="task_end", new_weight=0.5,
-               mask_unseen_classes=False, backbone_kwargs={"dropout": 0.2})
-    ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    trainer = ContinualTrainer(epochs_per_task=2, logger=False, callbacks=[ckpt], default_root_dir=root,
-                               **{**QUIET_TRAINER, "enable_checkpointing": True})
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-    return trainer, model
+def _task_end_er() -> ER:
+    return ER(buffer_size=40, buffer_policy="class_balanced", buffer_update="task_end", new_weight=0.5,
+              mask_unseen_classes=False, backbone_kwargs={"dropout": 0.2})
+
+
+DIGITS_2 = {"source": "digits", "n_tasks": 2, "batch_size": 64, "class_order": list(range(4))}
 
 
 def test_task_end_resume_is_bit_exact(tmp_path):
     """Mid-task, the last step of a task (saved before the task-end fill) and just after a fill."""
-    full_trainer, full = _every_step_run(tmp_path / "full")
-    per_task = full_trainer.global_step // 2
+    full = fit_saving_every_step(tmp_path / "full", _task_end_er, DIGITS_2)
+    per_task = full[0].global_step // 2
     for step in (per_task // 2, per_task, per_task + 1):
-        trainer, resumed = _every_step_run(tmp_path / f"from{step}", tmp_path / "full" / f"step={step}.ckpt")
-        np.testing.assert_array_equal(trainer.accuracy_matrix, full_trainer.accuracy_matrix, err_msg=str(step))
-        for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
-            if isinstance(a, torch.Tensor):
-                assert torch.equal(a, b), (step, name)
+        resumed = fit_saving_every_step(tmp_path / f"from{step}", _task_end_er, DIGITS_2,
+                                        tmp_path / "full" / f"step={step}.ckpt")
+        assert_same_matrix_and_weights(full, resumed, step)

@@ -161,6 +161,7 @@ CASES = {
     "SupSup density 0": (["--model=SupSup", "--data.scenario=task", "--model.density=0"], ["density"]),
     "n_tasks 0": (["--data.n_tasks=0"], ["n_tasks"]),
     "strategy option typo": (["--model.buffer_policy=reservoirr"], ["buffer_policy", "did you mean 'reservoir'"]),
+    "device_resident typo": (["--data.device_resident=atuo"], ["data.device_resident", "did you mean 'auto'", "true"]),
     # already handled before this round; kept so they stay handled
     "empty class_order": (["--data.class_order=[]"], ["class order is empty"]),
     "first_task_classes larger than the classes": (["--data.first_task_classes=20"], ["first_task_classes", "1..10"]),
@@ -225,6 +226,19 @@ def test_unreadable_checkpoint_from_the_cli(tmp_path, monkeypatch, capsys):
     ckpt.write_bytes(b"")
     code, err = run_main(monkeypatch, capsys, f"--trainer.default_root_dir={tmp_path}", *FAST, f"--ckpt_path={ckpt}")
     assert code == INPUT_STATUS and "is empty" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("holds", ["a checkpoint", "nothing"])
+def test_checkpoint_path_is_a_folder(holds, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if holds == "a checkpoint":
+        (folder / "last.ckpt").write_bytes(b"")
+    code, err = run_main(monkeypatch, capsys, f"--trainer.default_root_dir={tmp_path}", *FAST, f"--ckpt_path={folder}")
+    last = err.strip().splitlines()[-1]
+    assert code == INPUT_STATUS and "Traceback" not in err, err[-2000:]
+    assert "is a folder" in last and "does not exist" not in last and "--ckpt_path last" in last
+    assert (str(folder / "last.ckpt") in last) == (holds == "a checkpoint")
 
 
 def test_disk_full_mid_run_keeps_checkpoints_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
@@ -344,6 +358,6 @@ def test_error_table_lists_every_case():
     cases = [*CASES, "accelerator=gpu", "empty config", "yaml list", "config is a folder", "interpolation",
              "path too long", "read-only", "disk full", "log folder under a file", "16-bit", "constant colour channel",
              "non-contiguous label", "no test samples", "no train samples", "unexpected error", "zero-row parquet",
-             "sigterm", "out of memory"]
+             "sigterm", "out of memory", "checkpoint path is a folder"]
     missing = [c for c in cases if c.lower() not in table]
     assert not missing, missing

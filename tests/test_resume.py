@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import lightning as L
-import numpy as np
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from clframe import ER, ContinualDataModule, ContinualTrainer
 from clframe.errors import CheckpointError
 from tests.conftest import QUIET_TRAINER
+from tests.helpers.resume import assert_same_matrix_and_weights, fit_saving_every_step
 
 
 def _setup(tmp_path, name):
@@ -55,24 +54,18 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         trainer.fit(model, datamodule=data, ckpt_path=tmp_path / "nope.ckpt")
 
 
-def _every_step_run(root, ckpt_path=None):
-    L.seed_everything(0)
-    data = ContinualDataModule(source="digits", n_tasks=3, batch_size=64, class_order=list(range(6)))
-    model = ER(buffer_size=40, backbone_kwargs={"dropout": 0.2})
-    ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    trainer = ContinualTrainer(epochs_per_task=2, logger=False, callbacks=[ckpt], default_root_dir=root,
-                               **{**QUIET_TRAINER, "enable_checkpointing": True})
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-    return trainer, model
+DIGITS_3 = {"source": "digits", "n_tasks": 3, "batch_size": 64, "class_order": list(range(6))}
+
+
+def _model() -> ER:
+    return ER(buffer_size=40, backbone_kwargs={"dropout": 0.2})
 
 
 def test_resume_is_bit_exact_from_any_step(tmp_path):
     """Mid-epoch, last batch of an epoch, last batch of a task: the resumed run is identical."""
-    full_trainer, full = _every_step_run(tmp_path / "full")
-    steps_per_epoch = full_trainer.global_step // 6
+    full = fit_saving_every_step(tmp_path / "full", _model, DIGITS_3)
+    steps_per_epoch = full[0].global_step // 6
     for step in (steps_per_epoch - 1, steps_per_epoch, steps_per_epoch + 2, 2 * steps_per_epoch, 3 * steps_per_epoch + 1):
-        trainer, resumed = _every_step_run(tmp_path / f"from{step}", tmp_path / "full" / f"step={step}.ckpt")
-        np.testing.assert_array_equal(trainer.accuracy_matrix, full_trainer.accuracy_matrix, err_msg=str(step))
-        for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
-            if isinstance(a, torch.Tensor):
-                assert torch.equal(a, b), (step, name)
+        resumed = fit_saving_every_step(tmp_path / f"from{step}", _model, DIGITS_3,
+                                        tmp_path / "full" / f"step={step}.ckpt")
+        assert_same_matrix_and_weights(full, resumed, step)

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
 
-from clframe import ContinualDataModule, ContinualTrainer
 from clframe.errors import ConfigError
 from clframe.strategies import SI
-from tests.conftest import QUIET_TRAINER
+from tests.helpers.resume import fit_saving_every_step
 
 LR, C, XI = 0.5, 2.0, 0.1
 
@@ -129,14 +126,9 @@ def test_bad_options_are_refused() -> None:
 
 
 def _run(root, ckpt_path=None):
-    L.seed_everything(0)
-    data = ContinualDataModule(source="digits", n_tasks=3, batch_size=64, class_order=list(range(6)))
-    model = SI(si_c=1.0, backbone_kwargs={"hidden_sizes": [32]}, optimizer="adam", lr=1e-3)
-    ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    trainer = ContinualTrainer(epochs_per_task=1, logger=False, callbacks=[ckpt], default_root_dir=root,
-                               **{**QUIET_TRAINER, "enable_checkpointing": True})
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-    return trainer, model
+    return fit_saving_every_step(
+        root, lambda: SI(si_c=1.0, backbone_kwargs={"hidden_sizes": [32]}, optimizer="adam", lr=1e-3),
+        {"source": "digits", "n_tasks": 3, "batch_size": 64, "class_order": list(range(6))}, ckpt_path, epochs_per_task=1)
 
 
 def test_resume_mid_task_is_exact(tmp_path) -> None:

@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--report-dir", type=Path, default=None, help="where to write (default: <out>/report)")
     r.add_argument("--digits", type=int, default=2)
     r.add_argument("--no-plots", action="store_true")
+    r.add_argument("--from-json", type=Path, default=None,
+                   help="read the runs from a results file of earlier scripts (JSON list or JSON lines, one object "
+                        "per run and seed) instead of the suite's run folders")
+    r.add_argument("--key", default="{label}",
+                   help="with --from-json: which suite label an object belongs to, a format over its fields "
+                        "(e.g. '{benchmark}_{variant}')")
     c = sub.add_parser("compare", help="two or more runs side by side: config differences, metrics, matrices")
     c.add_argument("runs", type=Path, nargs="+")
     c.add_argument("--metric", action="append", default=None, help="only these metrics (default: all)")
@@ -88,13 +94,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.source.is_dir():
             from clframe.bench.report import folder_suite
 
+            if args.from_json is not None:
+                raise ClframeError("--from-json needs a suite file (its labels name the rows), not a folder of runs")
+
             suite = folder_suite(args.source)
         else:
             suite = load_suite(args.source)
             if args.out is not None:
                 suite.out = args.out
         report = write_report(suite, metrics=args.metric, out=args.report_dir, digits=args.digits,
-                              plots=not args.no_plots)
+                              plots=not args.no_plots, from_json=args.from_json, key=args.key)
         print(report.markdown)
         print(f"\n[report] written: {', '.join(str(p) for p in report.files)}", file=sys.stderr)
         return 0

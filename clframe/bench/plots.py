@@ -35,6 +35,21 @@ def _band(ax, x: np.ndarray, curves: list[np.ndarray], label: str, color) -> Non
         ax.fill_between(x, mean - sd, mean + sd, color=color, alpha=0.2, linewidth=0)
 
 
+def _label_axes(ax, xlabel: str, ylabel: str, title: str, legend_size: int) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc="lower left")
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_avg_acc_per_task(records: list[Record], rows: list[str], columns: list[str], path: Path) -> Path:
     """One panel per column; per row, average accuracy over seen tasks after each task, mean ± sd over seeds."""
     plt = _pyplot()
@@ -50,15 +65,8 @@ def plot_avg_acc_per_task(records: list[Record], rows: list[str], columns: list[
             length = min(c.size for c in curves)
             _band(ax, np.arange(1, length + 1), [c[:length] for c in curves], row, colors(k % colors.N))
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel("after task")
-        ax.set_ylabel("average accuracy on seen tasks (%)")
-        ax.set_title(col or "average accuracy after each task")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        _label_axes(ax, "after task", "average accuracy on seen tasks (%)", col or "average accuracy after each task", 7)
+    return _save(plt, fig, path)
 
 
 def read_curve(path: Path, task: int = 0) -> tuple[np.ndarray, np.ndarray, list[float]]:
@@ -98,13 +106,7 @@ def plot_stability_curves(records: list[Record], rows: list[str], path: Path, ta
         if k == 0:
             for s in curves[0][2]:
                 ax.axvline(s, color="0.6", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("training iteration (global step); dashed: task switches")
-    ax.set_ylabel(f"accuracy on task {task} (%)")
-    ax.set_title(f"Stability gap: accuracy on task {task} during the stream (mean ± sd over seeds)")
     ax.set_ylim(0, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    _label_axes(ax, "training iteration (global step); dashed: task switches", f"accuracy on task {task} (%)",
+                f"Stability gap: accuracy on task {task} during the stream (mean ± sd over seeds)", 8)
+    return _save(plt, fig, path)

@@ -23,6 +23,7 @@ from clframe.bench.runner import results_file
 from clframe.bench.suite import Metric, Run, Suite, SuiteError
 
 WARN = "⚠"
+RUN_FACTS = ("run/seconds", "run/steps")  # tabulated like metrics; read from bench.json and metrics.csv
 
 
 @dataclass
@@ -33,10 +34,29 @@ class Record:
     seed: int
     dir: Path
     results: dict[str, Any]
+    run_dir: Path | None = None
+    facts: dict[str, float | None] = field(default_factory=dict)
 
     def metric(self, name: str) -> float | None:
-        value = self.results.get("metrics", {}).get(name)
+        if name in RUN_FACTS:
+            if name not in self.facts:
+                self.facts[name] = _run_fact(self, name)
+            value = self.facts[name]
+        else:
+            value = self.results.get("metrics", {}).get(name)
         return float(value) if isinstance(value, (int, float)) and value == value else None
+
+
+def _run_fact(rec: Record, name: str) -> float | None:
+    """``run/seconds``: the wall time ``clframe bench`` recorded; ``run/steps``: the last logged global step."""
+    try:
+        if name == "run/seconds":
+            return json.loads(((rec.run_dir or rec.dir) / "bench.json").read_text()).get("seconds")
+        with open(rec.dir / "metrics.csv", newline="") as f:
+            steps = [int(float(r["step"])) for r in csv.DictReader(f) if r.get("step")]
+        return max(steps) if steps else None
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return None
 
 
 @dataclass
@@ -71,7 +91,7 @@ def collect(suite: Suite) -> tuple[list[Record], list[tuple[Run, int, str]]]:
         found = results_file(folder) if folder.is_dir() else None
         if found is not None:
             try:
-                records.append(Record(run, seed, found.parent, json.loads(found.read_text())))
+                records.append(Record(run, seed, found.parent, json.loads(found.read_text()), folder))
                 continue
             except (OSError, json.JSONDecodeError) as err:
                 missing.append((run, seed, f"unreadable {found}: {err}"))
@@ -155,6 +175,9 @@ def tables(suite: Suite, records: list[Record], missing: list[tuple[Run, int, st
             head.append(title(col, m))
             if col in ref_cols and m.name == ref_metric:
                 head += [f"published{' (' + col + ')' if col else ''}", "difference"]
+    head += [d.title for d in suite.differences if d.metric in {m.name for m in metrics}]
+    notes_col = bool(ref and ref.notes)
+    head += ["published / expected"] if notes_col else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -166,25 +189,39 @@ def tables(suite: Suite, records: list[Record], missing: list[tuple[Run, int, st
         for col in columns:
             for m in metrics:
                 cell = cells.get((row, col, m.name), Cell([]))
-                line.append(f"{cell.mean:.{digits}f} ± {cell.sd:.{digits}f} ({cell.n})" if cell.n else "–")
+                nd = digits if m.digits is None else m.digits
+                line.append(f"{cell.mean:.{nd}f} ± {cell.sd:.{nd}f} ({cell.n})" if cell.n else "–")
                 published = ref.values.get((row, col)) if ref and m.name == ref_metric else None
                 diff = cell.mean - published[0] if published and cell.n else None
                 outside = bool(diff is not None and ref.tolerance is not None and abs(diff) > ref.tolerance)
                 flagged += outside
                 if col in ref_cols and m.name == ref_metric:
-                    shown = "–" if published is None else (f"{published[0]:.{digits}f}" if published[1] is None else
-                                                           f"{published[0]:.{digits}f} ± {published[1]:.{digits}f}")
-                    line += [shown, "–" if diff is None else f"{diff:+.{digits}f}{' ' + WARN if outside else ''}"]
+                    shown = "–" if published is None else (f"{published[0]:.{nd}f}" if published[1] is None else
+                                                           f"{published[0]:.{nd}f} ± {published[1]:.{nd}f}")
+                    line += [shown, "–" if diff is None else f"{diff:+.{nd}f}{' ' + WARN if outside else ''}"]
                 writer.writerow([row, col, m.name, cell.n, _num(cell.mean, cell.n), _num(cell.sd, cell.n),
                                  " ".join(f"{v:.10g}" for v in cell.values),
                                  "" if published is None else published[0],
                                  "" if published is None or published[1] is None else published[1],
                                  "" if diff is None else f"{diff:.10g}", int(outside)])
+        for d in suite.differences:
+            m = next((m for m in metrics if m.name == d.metric), None)
+            if m is None:
+                continue
+            a, b = (cells.get((row, c, d.metric), Cell([])) for c in (d.a, d.b))
+            value = a.mean - b.mean if a.n and b.n else None
+            line.append("–" if value is None else f"{value:+.{digits if m.digits is None else m.digits}f}")
+            writer.writerow([row, d.title, d.metric, min(a.n, b.n), "" if value is None else f"{value:.10g}",
+                             "", "", "", "", "", 0])
+        if notes_col:
+            line.append(ref.notes.get(row, "–"))
         lines.append("| " + " | ".join(line) + " |")
     notes = [f"Cells: mean ± sample sd over seeds (n). Suite `{suite.name}`, {len(records)} finished run(s)."]
-    if ref and ref_metric:
+    if ref and ref_metric and ref.values:
         tol = f"; {WARN}: |difference| > {ref.tolerance:g} ({flagged} cell(s))" if ref.tolerance is not None else ""
         notes.append(f"Published: {ref.source} (metric `{ref_metric}`){tol}.")
+    elif ref and ref.notes:
+        notes.append(f"Published / expected: {ref.source}.")
     if missing:
         notes.append(f"Missing {len(missing)} run(s): " + _describe_missing(missing))
     return "\n".join([*( [f"## {suite.description}", ""] if suite.description else []), *lines, "", *notes]) + "\n", out.getvalue()
@@ -204,11 +241,17 @@ def _num(value: float, n: int) -> str:
 
 
 def write_report(suite: Suite, metrics: list[str] | None = None, out: Path | None = None, digits: int = 2,
-                 plots: bool = True) -> Report:
-    """Write ``report.md``, ``report.csv`` and the plots under ``out`` (default ``<suite out>/report``)."""
+                 plots: bool = True, from_json: Path | None = None, key: str = "{label}") -> Report:
+    """Write ``report.md``, ``report.csv`` and the plots under ``out`` (default ``<suite out>/report``); the runs
+    are the suite's run folders, or the objects of ``from_json`` (see :mod:`clframe.bench.importer`)."""
     chosen = ([next((m for m in suite.metrics if m.name == name), Metric(name, name, suite.metrics[0].scale))
                for name in metrics] if metrics else suite.metrics)
-    records, missing = collect(suite)
+    if from_json is not None:
+        from clframe.bench.importer import import_records
+
+        records, missing = import_records(suite, from_json, key)
+    else:
+        records, missing = collect(suite)
     markdown, table_csv = tables(suite, records, missing, chosen, digits)
     out = out or suite.out / "report"
     out.mkdir(parents=True, exist_ok=True)

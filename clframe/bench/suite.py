@@ -7,7 +7,7 @@ the table. Only ``yaml.safe_load`` reads it, so a suite can never run code. Layo
     out: runs/bench/split_mnist_der      # each run writes to <out>/<label>/seed<k>/
     seeds: [0, 1, 2]
     overrides: [--trainer.enable_model_summary=false]   # added to every run
-    metrics: [final/avg_acc]             # logged names in results.json; {name, title, scale} also works
+    metrics: [final/avg_acc]             # logged names in results.json; {name, title, scale, digits} also works
     runs:
       - {label: finetune, config: configs/split_mnist/finetune.yaml, row: Finetune}
       - grid: {method: [er, der], buffer: [200, 500]}      # expands to 4 runs
@@ -18,9 +18,13 @@ the table. Only ``yaml.safe_load`` reads it, so a suite can never run code. Layo
       source: Buzzega et al. 2020, Table 2
       tolerance: 2.0                     # |difference| above this is marked
       values: {Finetune: 19.60}          # row -> value, or row -> {column: value}; value: m, [m, sd] or "m ± sd"
+      notes: {Finetune: "an expectation"}  # row -> text, a last column (figures that are not one number)
+    differences:                         # derived columns: per row, mean of column a minus mean of column b
+      - {title: "DER - ER", a: DER, b: ER}   # metric: the first one unless given
 
 Rows and columns of the table come from each run's ``row`` (default: its label) and ``column``
-(default: none, so the metrics are the columns).
+(default: none, so the metrics are the columns). Besides logged metrics, ``run/seconds`` (the run's wall
+time, from ``bench.json``) and ``run/steps`` (its last global step, from ``metrics.csv``) can be tabulated.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import yaml
 from clframe.errors import ClframeError
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
-_SUITE_KEYS = {"name", "description", "out", "seeds", "overrides", "metrics", "runs", "reference", "scale"}
+_SUITE_KEYS = {"name", "description", "out", "seeds", "overrides", "metrics", "runs", "reference", "scale",
+               "differences"}
 _RUN_KEYS = {"label", "config", "overrides", "row", "column", "seeds", "grid"}
 
 
@@ -51,6 +56,7 @@ class Metric:
     name: str
     title: str
     scale: float = 100.0
+    digits: int | None = None  # decimals shown; None: the report's --digits
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,17 @@ class Reference:
     values: dict[tuple[str, str], tuple[float, float | None]]
     metric: str
     tolerance: float | None = None
+    notes: dict[str, str] = field(default_factory=dict)  # row -> text shown in a last column
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A derived column: per row, the mean of column ``a`` minus the mean of column ``b`` for ``metric``."""
+
+    title: str
+    a: str
+    b: str
+    metric: str
 
 
 @dataclass
@@ -84,6 +101,7 @@ class Suite:
     metrics: list[Metric]
     overrides: tuple[str, ...] = ()
     reference: Reference | None = None
+    differences: list[Difference] = field(default_factory=list)
     description: str = ""
     base: Path = field(default_factory=Path.cwd)
     locations: dict[tuple[str, int], Path] = field(default_factory=dict)  # folder-made suites: where each run is
@@ -165,9 +183,29 @@ def _overrides(value: Any, where: str) -> tuple[str, ...]:
 def _metric(value: Any, scale: float) -> Metric:
     if isinstance(value, str):
         return Metric(value, value, scale)
-    if isinstance(value, dict) and isinstance(value.get("name"), str) and set(value) <= {"name", "title", "scale"}:
-        return Metric(value["name"], str(value.get("title", value["name"])), float(value.get("scale", scale)))
-    raise SuiteError(f"metrics: each entry is a logged name or {{name, title, scale}}, got {value!r}")
+    if isinstance(value, dict) and isinstance(value.get("name"), str) and set(value) <= {"name", "title", "scale", "digits"}:
+        digits = value.get("digits")
+        if digits is not None and (not isinstance(digits, int) or isinstance(digits, bool) or digits < 0):
+            raise SuiteError(f"metrics: digits of {value['name']!r} must be a whole number >= 0, got {digits!r}")
+        return Metric(value["name"], str(value.get("title", value["name"])), float(value.get("scale", scale)), digits)
+    raise SuiteError(f"metrics: each entry is a logged name or {{name, title, scale, digits}}, got {value!r}")
+
+
+def _differences(raw: Any, metrics: list[Metric]) -> list[Difference]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise SuiteError("differences: a list of {title, a, b, metric} (columns a and b; metric: the first by default)")
+    out = []
+    for i, item in enumerate(raw):
+        if (not isinstance(item, dict) or set(item) - {"title", "a", "b", "metric"}
+                or not all(isinstance(item.get(k), str) for k in ("a", "b"))):
+            raise SuiteError(f"differences[{i}]: needs columns 'a' and 'b' (and optional 'title', 'metric'), got {item!r}")
+        metric = str(item.get("metric", metrics[0].name))
+        if metric not in {m.name for m in metrics}:
+            raise SuiteError(f"differences[{i}]: metric {metric!r} is not among the suite's metrics")
+        out.append(Difference(str(item.get("title", f"{item['a']} - {item['b']}")), item["a"], item["b"], metric))
+    return out
 
 
 def parse_value(value: Any, where: str) -> tuple[float, float | None]:
@@ -184,13 +222,16 @@ def parse_value(value: Any, where: str) -> tuple[float, float | None]:
 def _reference(raw: Any, metrics: list[Metric]) -> Reference | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("values"), dict):
+    if not isinstance(raw, dict) or not isinstance(raw.get("values", {}), dict):
         raise SuiteError("reference: needs 'values' (row -> value or row -> {column: value}) and a 'source'")
-    extra = set(raw) - {"source", "values", "metric", "tolerance"}
+    extra = set(raw) - {"source", "values", "metric", "tolerance", "notes"}
     if extra:
-        raise SuiteError(f"reference: unknown key(s) {sorted(extra)}; allowed: source, values, metric, tolerance")
+        raise SuiteError(f"reference: unknown key(s) {sorted(extra)}; allowed: source, values, metric, tolerance, notes")
+    notes = raw.get("notes") or {}
+    if not isinstance(notes, dict):
+        raise SuiteError(f"reference.notes must map rows to text, got {notes!r}")
     values: dict[tuple[str, str], tuple[float, float | None]] = {}
-    for row, cell in raw["values"].items():
+    for row, cell in raw.get("values", {}).items():
         if isinstance(cell, dict):
             for col, v in cell.items():
                 values[(str(row), str(col))] = parse_value(v, f"reference.values[{row!r}][{col!r}]")
@@ -200,7 +241,7 @@ def _reference(raw: Any, metrics: list[Metric]) -> Reference | None:
     if tol is not None and not isinstance(tol, (int, float)):
         raise SuiteError(f"reference.tolerance must be a number (in the table's units), got {tol!r}")
     return Reference(str(raw.get("source", "")), values, str(raw.get("metric", metrics[0].name)),
-                     None if tol is None else float(tol))
+                     None if tol is None else float(tol), {str(k): str(v) for k, v in notes.items()})
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -245,7 +286,13 @@ def suite_from_dict(raw: Any, path: Path | None = None) -> Suite:
     labels = [r.label for r in runs]
     if dupes := sorted({x for x in labels if labels.count(x) > 1}):
         raise SuiteError(f"{where}: labels must be unique (each names a folder); repeated: {', '.join(dupes)}")
+    differences = _differences(raw.get("differences"), metrics)
+    columns = {r.column for r in runs}
+    for d in differences:
+        if unknown := [c for c in (d.a, d.b) if c not in columns]:
+            raise SuiteError(f"differences ({d.title}): no run has column {', '.join(map(repr, unknown))}; "
+                             f"columns: {', '.join(sorted(map(repr, columns)))}")
     base = path.resolve().parent if path else Path.cwd()
     return Suite(name=name, path=path, out=Path(raw.get("out") or f"runs/bench/{name}"), runs=runs, metrics=metrics,
                  overrides=_overrides(raw.get("overrides"), "overrides"), reference=_reference(raw.get("reference"), metrics),
-                 description=str(raw.get("description", "")), base=base)
+                 differences=differences, description=str(raw.get("description", "")), base=base)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,6 +16,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Write the figure and free it (pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
 
 
 def plot_accuracy_curves(steps: Sequence[float], acc: np.ndarray, task_ends: Sequence[float], path: str | Path,
@@ -47,10 +56,7 @@ def plot_accuracy_curves(steps: Sequence[float], acc: np.ndarray, task_ends: Seq
     ax.set_title(title + "  (dashed: task switches; ▼: min-ACC)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", ncol=min(n_tasks, 10), fontsize=8, framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], path: str | Path,
@@ -74,10 +80,7 @@ def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], path: str | Path,
     ax.set_ylabel("after training task i")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_confusion_matrix(confusion: np.ndarray, path: str | Path, title: str = "Test confusion matrix") -> Path:
@@ -100,7 +103,4 @@ def plot_confusion_matrix(confusion: np.ndarray, path: str | Path, title: str = 
     ax.set_ylabel("true class")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

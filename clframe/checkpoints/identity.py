@@ -11,6 +11,7 @@ identity to pick, among the ``last*.ckpt`` files it finds, the newest one writte
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from clframe.errors import CheckpointError
 
 KEY = "clframe_run"
 # Where data is read from and how fast: changing them does not change the run.
-HARMLESS = ("data.data_root", "data.download", "data.num_workers")
+HARMLESS = ("data.data_root", "data.download", "data.num_workers", "data.device_resident")
 _SKIP = ("_instantiator", "_class_path")
 
 
@@ -38,20 +39,53 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     out[prefix] = json.loads(json.dumps(value, default=str))  # lists for tuples, str for paths and objects
 
 
-def run_identity(trainer: Any, model: L.LightningModule, datamodule: L.LightningDataModule | None) -> dict[str, Any]:
+class RunIdentity(dict):
+    """A run's identity, plus the default value of every option it has (``defaults``).
+
+    The defaults let a checkpoint written before an option existed resume into a run that leaves the
+    option at its default: the key is absent from the checkpoint, and the run behaves as it did then.
+    """
+
+    defaults: dict[str, Any]
+
+
+def _option_defaults(prefix: str, cls: type, out: dict[str, Any]) -> None:
+    """Flattened defaults of every ``__init__`` parameter along ``cls``'s class hierarchy."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        for p in params:
+            if p.default is not inspect.Parameter.empty and f"{prefix}.{p.name}" not in out:
+                try:
+                    _flatten(f"{prefix}.{p.name}", p.default, out)
+                except (TypeError, ValueError):
+                    continue
+
+
+def run_identity(trainer: Any, model: L.LightningModule, datamodule: L.LightningDataModule | None) -> RunIdentity:
     """The settings that make a run this run, as ``{"model.lr": 0.05, ...}``."""
-    out: dict[str, Any] = {"model.class_path": f"{type(model).__module__}.{type(model).__qualname__}"}
+    out = RunIdentity({"model.class_path": f"{type(model).__module__}.{type(model).__qualname__}"})
+    out.defaults = {}
     _flatten("model", dict(model.hparams), out)
+    _option_defaults("model", type(model), out.defaults)
     if datamodule is not None:
         _flatten("data", dict(datamodule.hparams), out)
+        _option_defaults("data", type(datamodule), out.defaults)
     out["trainer.epochs_per_task"] = getattr(trainer, "epochs_per_task", None)
     out["trainer.steps_per_task"] = getattr(trainer, "steps_per_task", None)
     return out
 
 
 def differences(saved: Mapping[str, Any], now: Mapping[str, Any], allow: Iterable[str] = ()) -> list[str]:
-    """``"key: checkpoint -> now"`` for every key whose value differs, except harmless or allowed keys."""
+    """``"key: checkpoint -> now"`` for every key whose value differs, except harmless or allowed keys, and
+    options newer than the checkpoint that the run leaves at their default."""
     allowed = (*HARMLESS, *allow)
+    defaults = getattr(now, "defaults", {})
     other_class = saved.get("model.class_path") != now.get("model.class_path")
     out = []
     for key in sorted(set(saved) | set(now)):
@@ -59,6 +93,8 @@ def differences(saved: Mapping[str, Any], now: Mapping[str, Any], allow: Iterabl
             continue  # another strategy has other options: the class is the difference to report
         if any(key == a or key.startswith(a + ".") for a in allowed):
             continue
+        if key not in saved and key in defaults and now.get(key) == defaults[key]:
+            continue  # an option added after the checkpoint was written, left at its default
         old, new = saved.get(key, "<unset>"), now.get(key, "<unset>")
         if old != new:
             out.append(f"{key}: {json.dumps(old)} -> {json.dumps(new)}")

@@ -111,11 +111,25 @@ def verify_checkpoint(path: str | Path) -> bool:
 
 
 # ------------------------------------------------------------------ reading and writing
+def _require_file(path: Path) -> None:
+    """Refuse a path that is not a file, saying what it is instead: a folder is the common slip (the
+    checkpoint folder instead of a file in it), and "does not exist" would send the user looking in vain."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        found = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        examples = f" (it holds {', '.join(str(p) for p in found[:3])}{', ...' if len(found) > 3 else ''})" \
+            if found else " (it holds no .ckpt file)"
+        raise CheckpointError(f"--ckpt_path {path} is a folder, not a checkpoint file{examples}; give the path of "
+                              "one .ckpt file, or --ckpt_path last for this run's newest last.ckpt.")
+    raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .ckpt file, or --ckpt_path last "
+                          "for this run's newest last.ckpt.")
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", trust: bool = False, mmap: bool = False) -> Any:
     """Verify and load a checkpoint file without running code from it (unless ``trust``)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file; give the path of a .ckpt file")
+    _require_file(path)
     if not mmap:
         verify_checkpoint(path)
     try:

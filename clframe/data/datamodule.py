@@ -8,11 +8,13 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from clframe.data import device_resident as resident
 from clframe.data.augment import TransformSpec, build_pipeline
 from clframe.data.resize import check_resize, resize_source
-from clframe.data.samplers import EpochShuffleSampler, PerTaskBatchSampler, ShardSampler
+from clframe.data.samplers import EpochResumable, EpochShuffleSampler, PerTaskBatchSampler, TaskBatchSampler
 from clframe.data.scenarios import (
     ScenarioError,
     check_unused_options,
@@ -37,6 +39,9 @@ class ConcatTaskDataset(Dataset):
     def __getitems__(self, positions: Sequence[int]) -> Batch:
         pos = torch.as_tensor(positions, dtype=torch.long)
         which = torch.searchsorted(self.offsets, pos, right=True) - 1
+        if len(pos) and bool((which == which[0]).all()):  # one task (evaluation)
+            d = int(which[0])
+            return self.datasets[d].__getitems__(pos - self.offsets[d])
         parts, order = [], []
         for d in which.unique().tolist():
             sel = (which == d).nonzero().flatten()
@@ -55,8 +60,8 @@ class ResumableDataLoader(DataLoader):
         self._yielded = 0
         self._resumed = 0
 
-    def _order(self) -> EpochShuffleSampler | PerTaskBatchSampler:
-        return self.batch_sampler if isinstance(self.batch_sampler, PerTaskBatchSampler) else self.sampler
+    def _order(self) -> EpochResumable:
+        return self.batch_sampler if isinstance(self.batch_sampler, EpochResumable) else self.sampler
 
     def __iter__(self):
         resumed, self._resumed = self._resumed, 0  # batches of this epoch already consumed
@@ -71,7 +76,7 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         batches = int(state_dict["batches"])
-        per_batch = 1 if isinstance(self.batch_sampler, PerTaskBatchSampler) else self.batch_size
+        per_batch = 1 if isinstance(self.batch_sampler, EpochResumable) else self.batch_size  # batch samplers count batches
         self._order().resume_at(int(state_dict["epoch"]), batches * per_batch)
         self._resumed = batches
 
@@ -84,8 +89,8 @@ class ContinualDataModule(L.LightningDataModule):
 
     ``train_dataloader`` serves the current task (or every seen task when a strategy such as Joint
     sets ``train_scope="seen"``; ``joint_batches="per_task"`` then puts ``batch_size`` samples of
-    each seen task in every batch); ``val/test_dataloader`` serve one loader per seen task, in task
-    order, so ``dataloader_idx`` equals the task id. Batches are ``(uint8 x, label, task id)``;
+    each seen task in every batch); ``val/test_dataloader`` serve the seen tasks as one loader of
+    single-task batches, in task order (every batch carries its task id). Batches are ``(uint8 x, label, task id)``;
     strategies scale and normalise on the device (`normalize=False`: scale to [0, 1] only).
     ``tasks`` says how tasks differ: ``split`` (each task a subset of the classes; the default for class-
     and task-incremental streams), ``permutation``, ``rotation`` (``angles``), ``datasets``
@@ -95,9 +100,13 @@ class ContinualDataModule(L.LightningDataModule):
     classes to 0..k-1 over one shared k-way head. ``domain`` is the older name of ``tasks``.
     ``image_size`` pads (``resize="pad"``, zeros around the image) or resizes (``"bilinear"``) every
     image to a square size once, at load time (MNIST to 32x32 as in several MNIST protocols).
+    ``data_cache``: where decoded images are kept between runs (unset: ``CLFRAME_CACHE`` or the default
+    folder; ``false``: decode every time; a folder; see :mod:`clframe.data.cache`).
     ``train_transforms`` / ``eval_transforms``: a preset (``cifar_crop_flip``, ``tiny_imagenet_crop_flip``)
     or a list of ``torchvision.transforms.v2`` classes (see :mod:`clframe.data.augment`), applied by the
     strategy on its device, per sample: to training inputs only (train) or to evaluation inputs (eval).
+    ``device_resident``: keep the served tasks' tensors on the trainer's device and gather batches there
+    (``auto``: on a CUDA device when they fit; see :mod:`clframe.data.device_resident`).
 
     Under DDP every loader serves this process's shard (see :mod:`clframe.data.samplers`): training
     shards are disjoint and equally long, so ``batch_size`` is per process; evaluation shards cover
@@ -121,6 +130,7 @@ class ContinualDataModule(L.LightningDataModule):
         severity: int = 3,
         data_root: str | None = None,
         download: bool = False,
+        data_cache: bool | str | None = None,
         source_options: dict[str, Any] | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 256,
@@ -137,6 +147,7 @@ class ContinualDataModule(L.LightningDataModule):
         resize: Literal["pad", "bilinear"] = "pad",
         train_transforms: TransformSpec = None,
         eval_transforms: TransformSpec = None,
+        device_resident: resident.DeviceResident = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -151,9 +162,11 @@ class ContinualDataModule(L.LightningDataModule):
             raise ScenarioError(f"views_per_sample ({views_per_sample}) must be positive and divide batch_size "
                                 f"({batch_size}): every batch holds batch_size / views_per_sample samples x their views")
         check_resize(image_size, resize)
+        resident.normalize(device_resident)  # fail early on a typo
         self.current_task = 0
         self.train_scope: TrainScope = "current"
         self._stream: TaskStream | None = None
+        self._on_device: dict[tuple, resident.DeviceTaskData] = {}  # device copies served in device-resident mode
 
     def input_pipelines(self) -> tuple[Any, Any]:
         """``(train, eval)`` batch-level input pipelines (``None`` where unset) that the strategy applies on its
@@ -178,7 +191,7 @@ class ContinualDataModule(L.LightningDataModule):
 
     def _load(self, name: str, download: bool):
         source = load_source(name, root=self.hparams.data_root, download=download,
-                             **(self.hparams.source_options or {}))
+                             cache=self.hparams.get("data_cache"), **(self.hparams.source_options or {}))
         size = self.hparams.get("image_size")
         return source if download or size is None else resize_source(source, size, self.hparams.get("resize", "pad"))
 
@@ -242,15 +255,43 @@ class ContinualDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+    def _tasks_eval_loader(self, datasets: Sequence[Dataset]) -> DataLoader:
+        """One loader over several tasks' evaluation data: per-task batches, task after task
+        (:class:`TaskBatchSampler`), so one evaluation loop serves every task; batches carry their task ids.
+        In device-resident mode the tasks' device copies are served the same way."""
         workers = self.hparams.num_workers
         rank, world = self.shard()
+        sampler = TaskBatchSampler([len(d) for d in datasets], self.hparams.eval_batch_size, rank, world)
+        on_device = [self.device_copy(d, ("eval", id(d))) for d in datasets]
+        if datasets and all(copy is not None for copy in on_device):
+            return DataLoader(ConcatTaskDataset(on_device), batch_sampler=sampler, collate_fn=passthrough_collate,
+                              generator=self._private_generator())
         return DataLoader(
-            dataset, batch_size=self.hparams.eval_batch_size, num_workers=workers,
-            sampler=ShardSampler(len(dataset), rank, world) if world > 1 else None,
-            collate_fn=passthrough_collate, persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available() and workers > 0, generator=self._private_generator(),
+            ConcatTaskDataset(datasets), num_workers=workers, collate_fn=passthrough_collate, batch_sampler=sampler,
+            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available() and workers > 0,
+            generator=self._private_generator(),
         )
+
+    def device_copy(self, dataset: Dataset, key: tuple) -> resident.DeviceTaskData | None:
+        """``dataset`` as tensors on the trainer's device in device-resident mode (copied once, then kept;
+        one training set at a time), else ``None`` (see :mod:`clframe.data.device_resident`)."""
+        setting = resident.normalize(self.hparams.get("device_resident", "auto"))
+        strategy = getattr(self.trainer, "strategy", None)
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        kept = self._on_device.get(key)
+        if setting is False:
+            return None
+        if kept is not None and kept.device == device:
+            return kept
+        if not resident.resolve(setting, device, dataset):
+            return None
+        if key[0] == "train":  # the previous training set's copy is freed first
+            self._on_device = {k: v for k, v in self._on_device.items() if k[0] != "train"}
+        if not self._on_device:
+            rank_zero_info(f"clframe: data kept on {device} (device_resident={setting})")
+            resident.quiet_worker_advice()
+        self._on_device[key] = resident.DeviceTaskData(dataset, device)
+        return self._on_device[key]
 
     def _private_generator(self) -> torch.Generator:
         """Every DataLoader iterator draws a worker seed; from this generator, not the global RNG, so
@@ -270,21 +311,30 @@ class ContinualDataModule(L.LightningDataModule):
         rank, world = self.shard()
         common = dict(num_workers=workers, collate_fn=passthrough_collate, persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available() and workers > 0, generator=self._private_generator())
+        per_task = isinstance(dataset, ConcatTaskDataset) and self.hparams.joint_batches == "per_task"
+        sizes = [len(d) for d in dataset.datasets] if per_task else []
+        on_device = self.device_copy(dataset, ("train", *map(id, getattr(dataset, "datasets", [dataset]))))
+        if on_device is not None:  # gathered on the device: no workers, no pinned copies
+            dataset, common = on_device, dict(collate_fn=passthrough_collate, generator=common["generator"])
         if self.hparams.get("views_per_sample", 1) > 1:  # the view-batch model (clframe.data.view_batch)
-            return self._view_batch_loader(dataset, rank, world, common)
-        if isinstance(dataset, ConcatTaskDataset) and self.hparams.joint_batches == "per_task":
-            sampler = PerTaskBatchSampler([len(d) for d in dataset.datasets], self.hparams.batch_size, self.seed,
-                                          rank=rank, world_size=world)
+            return self._view_batch_loader(dataset, rank, world, common, per_task)
+        if per_task:
+            sampler = PerTaskBatchSampler(sizes, self.hparams.batch_size, self.seed, rank=rank, world_size=world)
+            return ResumableDataLoader(dataset, batch_sampler=sampler, **common)
+        if on_device is not None:
+            sampler = resident.DeviceBatchSampler(len(dataset), self.hparams.batch_size, self.seed, on_device.device,
+                                                  rank=rank, world_size=world)
             return ResumableDataLoader(dataset, batch_sampler=sampler, **common)
         return ResumableDataLoader(dataset, batch_size=self.hparams.batch_size,
                                    sampler=EpochShuffleSampler(len(dataset), self.seed, rank=rank, world_size=world),
                                    **common)
 
-    def _view_batch_loader(self, dataset: Dataset, rank: int, world: int, common: dict[str, Any]) -> DataLoader:
+    def _view_batch_loader(self, dataset: Dataset, rank: int, world: int, common: dict[str, Any],
+                           per_task: bool = False) -> DataLoader:
         """R views of each sample in one batch, each sample back every R epochs, at the baseline's steps."""
         from clframe.data.view_batch import ViewBatchLoader, ViewBatchSampler, task_epoch_offset
 
-        if isinstance(dataset, ConcatTaskDataset) and self.hparams.joint_batches == "per_task":
+        if per_task:
             raise ScenarioError("views_per_sample > 1 cannot be combined with joint_batches='per_task'")
         sampler = ViewBatchSampler(len(dataset), self.hparams.batch_size, self.hparams.views_per_sample, self.seed,
                                    task=self.current_task, epoch_offset=task_epoch_offset(self.trainer), rank=rank,
@@ -299,13 +349,17 @@ class ContinualDataModule(L.LightningDataModule):
         """Whether the tasks hold validation splits (``val_fraction > 0``, or a stream built with them)."""
         return any(t.val is not None and len(t.val) > 0 for t in self.stream.tasks)
 
-    def val_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(t.val) for t in self._eval_tasks() if t.val is not None]
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The seen tasks' validation data as one loader (see :meth:`test_dataloader`); ``[]`` without any."""
+        held_out = [t.val for t in self._eval_tasks() if t.val is not None]
+        return self._tasks_eval_loader(held_out) if held_out else []
 
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(t.test) for t in self._eval_tasks()]
+    def test_dataloader(self) -> DataLoader:
+        """The seen tasks' test data as one loader of single-task batches, in task order (one evaluation
+        loop for any number of tasks; the batches are those of one loader per task, one after the other)."""
+        return self._tasks_eval_loader([t.test for t in self._eval_tasks()])
 
-    def predict_dataloader(self) -> list[DataLoader]:
+    def predict_dataloader(self) -> DataLoader:
         """The seen tasks' test data (``clframe predict``); batches carry their task ids."""
         return self.test_dataloader()
 

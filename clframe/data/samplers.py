@@ -139,3 +139,35 @@ class ShardSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.size, self.world_size))
+
+
+class TaskBatchSampler(Sampler[list[int]]):
+    """The evaluation batches of several tasks as one loader: task after task, never two tasks in a batch.
+
+    Positions index the tasks' data sets concatenated (:class:`~clframe.data.datamodule.ConcatTaskDataset`);
+    each task's share is :class:`ShardSampler`'s (every ``world_size``-th sample from ``rank`` on) cut into
+    ``batch_size`` batches, so the batches are exactly those of one loader per task, one after the other.
+    One loader means one evaluation loop whatever the number of tasks; single-task batches keep every
+    strategy that picks something per batch (a mask, a prompt, an inferred task) seeing one task per batch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        check_shard(rank, world_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.lengths, self.batch_size = [int(n) for n in lengths], int(batch_size)
+        self.rank, self.world_size = rank, world_size
+
+    def task_indices(self) -> list[list[int]]:
+        """This rank's positions within each task's own data set, in order."""
+        return [list(ShardSampler(n, self.rank, self.world_size)) for n in self.lengths]
+
+    def __len__(self) -> int:
+        return sum(-(-len(ShardSampler(n, self.rank, self.world_size)) // self.batch_size) for n in self.lengths)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        offset = 0
+        for n, share in zip(self.lengths, self.task_indices(), strict=True):
+            for lo in range(0, len(share), self.batch_size):
+                yield [offset + i for i in share[lo:lo + self.batch_size]]
+            offset += n

@@ -219,8 +219,8 @@ class PermutePixels:
         self.permutation = permutation
 
     def __call__(self, x: Tensor) -> Tensor:
-        flat = x.flatten(-2)
-        return flat[..., self.permutation].view_as(x)
+        flat = x.flatten(-2)  # gather: the same result as flat[..., permutation], several times faster
+        return flat.gather(-1, self.permutation.expand_as(flat)).view_as(x)
 
 
 class RotateImages:

@@ -1,23 +1,19 @@
-"""Strategies: one LightningModule per continual-learning method."""
+"""Strategies: one LightningModule per continual-learning method (imported on first use, see
+:mod:`clframe.lazy`)."""
 
-from clframe.strategies.base import ContinualModule
-from clframe.strategies.baselines import EWC, Finetune, Joint, LwF
-from clframe.strategies.prompt import (
-    L2P,
-    OVOR,
-    CODAPrompt,
-    DualPrompt,
-    LinearProbe,
-    NearestClassMean,
-    OnePrompt,
-)
-from clframe.strategies.replay.der import DER, DERpp
-from clframe.strategies.replay.er import ER
-from clframe.strategies.replay.gere import GeRe
-from clframe.strategies.replay.icarl import ICaRL
-from clframe.strategies.si import SI
-from clframe.strategies.supermask import WSN, ExSSNeT, SupSup
+from clframe.lazy import lazy_exports
 
 __all__ = ["DER", "ER", "EWC", "GeRe", "DERpp", "ICaRL", "WSN", "ContinualModule", "ExSSNeT", "Finetune", "Joint", "LwF", "SupSup",
            "L2P", "DualPrompt", "CODAPrompt", "OnePrompt", "OVOR", "LinearProbe", "NearestClassMean"]
 __all__ += ["SI"]
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "clframe.strategies.base": ["ContinualModule"],
+    "clframe.strategies.baselines": ["EWC", "Finetune", "Joint", "LwF"],
+    "clframe.strategies.prompt": ["L2P", "OVOR", "CODAPrompt", "DualPrompt", "LinearProbe", "NearestClassMean", "OnePrompt"],
+    "clframe.strategies.replay.der": ["DER", "DERpp"],
+    "clframe.strategies.replay.er": ["ER"],
+    "clframe.strategies.replay.gere": ["GeRe"],
+    "clframe.strategies.replay.icarl": ["ICaRL"],
+    "clframe.strategies.si": ["SI"],
+    "clframe.strategies.supermask": ["WSN", "ExSSNeT", "SupSup"],
+})

@@ -22,14 +22,22 @@ from clframe.data.stream import Batch, Task, TaskStream
 from clframe.errors import ConfigError, NonFiniteLossError
 from clframe.metrics.task_accuracy import TaskAccuracy
 from clframe.models.factory import create_backbone
+from clframe.models.speed import MemoryFormat, check_memory_format, prepare_backbone, to_float
 from clframe.optim import OPTIMIZERS, Interval, LRSchedulerCallable, OptimizerArg  # noqa: F401 (OPTIMIZERS: re-exported)
 from clframe.strategies.intact import InTAct, InTActConfig
 
 
-def frozen_copy(**parts: nn.Module) -> nn.ModuleDict:
-    """Deep copies of ``parts`` with gradients off, in eval mode: the teacher / reference snapshot that
-    distillation-style terms compare against (LwF, iCaRL, GeRe's KL reference)."""
-    return nn.ModuleDict({name: copy.deepcopy(module) for name, module in parts.items()}).requires_grad_(False).eval()
+class FrozenSnapshot(nn.ModuleDict):
+    """Modules that stay in eval mode when their owner switches to training (fixed dropout and BN statistics)."""
+
+    def train(self, mode: bool = True) -> FrozenSnapshot:
+        return super().train(False)
+
+
+def frozen_copy(**parts: nn.Module) -> FrozenSnapshot:
+    """Deep copies of ``parts`` with gradients off, in eval mode for good: the teacher / reference snapshot
+    that distillation-style terms compare against (LwF, iCaRL, GeRe's KL reference)."""
+    return FrozenSnapshot({name: copy.deepcopy(module) for name, module in parts.items()}).requires_grad_(False).eval()
 
 
 class ContinualModule(L.LightningModule):
@@ -55,17 +63,27 @@ class ContinualModule(L.LightningModule):
         reset_optimizer: a fresh optimizer state and schedule per task (``True``) or carry the state and the
             schedule's position over from the previous task (``False``).
         mask_unseen_classes: in class-incremental streams, hide classes of future tasks.
-        check_finite_loss: stop with a clear error when the loss becomes NaN or infinite (one
-            host sync per step on a GPU; turn off for the last bit of speed).
+        check_finite_loss: stop with a clear error when the loss becomes NaN or infinite. On the CPU every
+            step is checked at once; on an accelerator the check costs no host sync per step: the first bad
+            step is recorded on the device and read every ``finite_check_every`` steps, before every
+            checkpoint is written and at the end of each task's training (see :meth:`watch_loss`).
         intact: carry the InTAct regulariser (activation boxes per task; see
             :mod:`clframe.strategies.intact`), with any strategy.
         report_task_il: in a class-incremental stream, also score every test pass with the logits masked
             to each sample's task (the DER paper's Task-IL numbers come from the class-IL run scored this
             way): a second matrix ``task_il_accuracy_matrix`` and ``final/til_*`` metrics.
+        memory_format: ``channels_last`` keeps convolution weights and inputs in NHWC layout (faster convolutions
+            on GPUs, notably under ``--trainer.precision=bf16-mixed``); ``contiguous`` is PyTorch's default.
+        compile_backbone: ``torch.compile`` the backbone's forward in place (checkpoints unchanged; see
+            :mod:`clframe.models.speed`).
     """
 
     train_scope: Literal["current", "seen", "all"] = "current"
     """Which tasks' training data the data module serves (Joint training uses ``"seen"``)."""
+
+    finite_check_every: int = 50
+    """On an accelerator, the most training steps between two reads of the non-finite-loss record
+    (``check_finite_loss``): the error may come up to this many steps after the bad step, and names the bad step."""
 
     checkpointed_attributes: tuple[str, ...] = ()
     """Plain attributes (not buffers or parameters) that are training state, such as the best epoch's weights of
@@ -90,10 +108,14 @@ class ContinualModule(L.LightningModule):
         lr_scheduler_interval: Interval = "epoch",
         reset_optimizer: bool = True,
         report_task_il: bool = False,
+        memory_format: MemoryFormat = "contiguous",
+        compile_backbone: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise ConfigError(f"lr must be positive, got {lr}")
+        check_memory_format(memory_format)
+        self._memory_format = memory_format
         self._optimizer_carry = optim.OptimizerCarry()
         self._optimizer_factory = optim.optimizer_factory(optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
         self._scheduler_factory = optim.scheduler_factory(lr_scheduler)
@@ -119,9 +141,17 @@ class ContinualModule(L.LightningModule):
         # Input pipelines from the data module (see ``setup``); plain attributes, not submodules.
         object.__setattr__(self, "_train_pipeline", None)
         object.__setattr__(self, "_eval_pipeline", None)
+        object.__setattr__(self, "_normalize_inputs", True)  # False when input_mean/std are 0/1 (the identity)
+        object.__setattr__(self, "_first_nonfinite", None)  # (global step, loss) of the first bad step, on device
         self.eval_accuracy: list[float] = []
         if num_classes is not None and input_shape is not None and scenario is not None:
             self._build(num_classes, tuple(input_shape), scenario)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_current_fx_name":  # Lightning sets it twice per hook call: a plain string, never a tensor
+            object.__setattr__(self, name, value)  # or submodule, so nn.Module's checks (~3 us) are skipped
+        else:
+            super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ construction
     def build_network(self, num_classes: int, input_shape: tuple[int, ...]) -> tuple[nn.Module, nn.Module]:
@@ -134,6 +164,7 @@ class ContinualModule(L.LightningModule):
 
     def _build(self, num_classes: int, input_shape: tuple[int, ...], scenario: str) -> None:
         self.backbone, self.head = self.build_network(num_classes, input_shape)
+        prepare_backbone(self.backbone, self._memory_format, bool(self.hparams.get("compile_backbone", False)))
         self.scenario = scenario
         if self.hparams.get("intact") is not None:
             config = self.hparams.intact
@@ -165,6 +196,15 @@ class ContinualModule(L.LightningModule):
         if len(stream.mean) == self.input_mean.numel():
             self.input_mean.copy_(torch.tensor(stream.mean).view_as(self.input_mean))
             self.input_std.copy_(torch.tensor(stream.std).view_as(self.input_std))
+        self._refresh_normalization()
+
+    def _refresh_normalization(self) -> None:
+        """Skip the per-batch ``(x - mean) / std`` when it is the identity (``normalize: false``: mean 0,
+        std 1); exact either way. Read once here and after loading a state dict, never per batch."""
+        if getattr(self, "input_mean", None) is None:  # not built yet
+            return
+        identity = bool((self.input_mean == 0).all() and (self.input_std == 1).all())
+        object.__setattr__(self, "_normalize_inputs", not identity)
 
     def setup(self, stage: str) -> None:
         """Take the data module's input pipelines (augmentation for training, the eval transform)."""
@@ -193,9 +233,9 @@ class ContinualModule(L.LightningModule):
         if self._eval_pipeline is not None and not self.training and not x.is_floating_point() and x.dim() == 4:
             x = self._eval_pipeline(x)
         if not x.is_floating_point():  # a fresh tensor: normalise it in place
-            x = x.float().div_(255.0)
-            return x.sub_(self.input_mean).div_(self.input_std) if x.dim() == 4 else x
-        if x.dim() == 4:
+            x = to_float(x, self._memory_format).div_(255.0)
+            return x.sub_(self.input_mean).div_(self.input_std) if x.dim() == 4 and self._normalize_inputs else x
+        if x.dim() == 4 and self._normalize_inputs:
             x = (x - self.input_mean) / self.input_std
         return x
 
@@ -256,16 +296,57 @@ class ContinualModule(L.LightningModule):
         loss = self.training_loss(batch)
         if self.intact is not None:
             loss = loss + self.intact.penalty(self)
-        if self.hparams.check_finite_loss and not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the training loss became {loss.item()} at global step {self.global_step} (task "
-                f"{int(self.current_task)}). Lower the learning rate (now {self.hparams.lr}), clip gradients "
-                "(--trainer.gradient_clip_val=1.0), or check the data for NaN/inf values. Checkpoints and logs "
-                "written so far are intact; resume from one with --ckpt_path."
-            )
+        if self.hparams.check_finite_loss:
+            self.watch_loss(loss)
         if self.step_metrics_wanted():
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def watch_loss(self, loss: Tensor) -> None:
+        """``check_finite_loss`` without a host sync per step.
+
+        On the CPU a bad loss stops training at once. On an accelerator, reading the loss's finiteness would
+        wait for the device every step, so the step and value of the first non-finite loss are recorded on the
+        device instead and read every ``finite_check_every`` steps, before any checkpoint is written
+        (``on_save_checkpoint``: no checkpoint ever holds the bad step's weights) and at the end of each task's
+        training (``on_fit_end``). The error names the bad step either way.
+        """
+        loss = loss.detach()
+        if not self._defer_loss_check(loss):
+            if not torch.isfinite(loss):
+                self._raise_nonfinite(self.global_step, float(loss))
+            return
+        record = self._first_nonfinite
+        if record is None or record.device != loss.device:
+            record = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=loss.device)
+            object.__setattr__(self, "_first_nonfinite", record)
+        new = ~torch.isfinite(loss) & (record[0] < 0)  # device-side: no sync
+        record[0] = torch.where(new, float(self.global_step), record[0])
+        record[1] = torch.where(new, loss.double(), record[1])
+        if (self.global_step + 1) % self.finite_check_every == 0:
+            self.check_nonfinite_record()
+
+    @staticmethod
+    def _defer_loss_check(loss: Tensor) -> bool:
+        """Whether reading the loss on the host would wait for a device (everywhere but the CPU)."""
+        return loss.device.type != "cpu"
+
+    def check_nonfinite_record(self) -> None:
+        """Raise if :meth:`watch_loss` recorded a non-finite loss (one host sync; a no-op when none was kept)."""
+        record = self._first_nonfinite
+        if record is not None and bool(record[0] >= 0):
+            step, value = record.tolist()
+            self._raise_nonfinite(int(step), value, noticed=self.global_step)
+
+    def _raise_nonfinite(self, step: int, value: float, noticed: int | None = None) -> None:
+        later = "" if noticed is None or noticed == step else \
+            f" (noticed at step {noticed}: on an accelerator the check runs every {self.finite_check_every} steps)"
+        raise NonFiniteLossError(
+            f"the training loss became {value} at global step {step}{later} (task "
+            f"{int(self.current_task)}). Lower the learning rate (now {self.hparams.lr}), clip gradients "
+            "(--trainer.gradient_clip_val=1.0), or check the data for NaN/inf values. Checkpoints and logs "
+            "written so far are intact; resume from one with --ckpt_path."
+        )
 
     def step_metrics_wanted(self) -> bool:
         """Whether a value logged with ``on_step=True`` in this training step reaches anyone.
@@ -318,7 +399,9 @@ class ContinualModule(L.LightningModule):
         return config
 
     def on_fit_end(self) -> None:
-        """Keep the task's optimizer state for the next task when ``reset_optimizer`` is off."""
+        """Keep the task's optimizer state for the next task when ``reset_optimizer`` is off (after the last
+        look at the non-finite-loss record)."""
+        self.check_nonfinite_record()
         trainer = self._trainer
         if self.hparams.get("reset_optimizer", True) or trainer is None or not trainer.optimizers:
             return
@@ -395,6 +478,7 @@ class ContinualModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_nonfinite_record()  # never write the weights of a step after a non-finite loss
         if self.checkpointed_attributes:
             checkpoint["clframe_strategy_attributes"] = {k: getattr(self, k) for k in self.checkpointed_attributes}
 
@@ -406,7 +490,9 @@ class ContinualModule(L.LightningModule):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Resize lazily shaped state (replay storage, per-task statistics) before loading."""
         self.materialize_state(state_dict)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._refresh_normalization()
+        return result
 
     def materialize_state(self, state_dict: Mapping[str, Any]) -> None:
         """Give empty placeholder buffers the saved shape, so a fresh module can load any checkpoint."""

@@ -219,12 +219,6 @@ class LwF(ContinualModule):
             self._snapshot_teacher()
         super().materialize_state(state_dict)
 
-    def train(self, mode: bool = True) -> LwF:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
     def distillation_groups(self, task: int) -> list[tuple[Tensor, Tensor]]:
         """(student columns, teacher columns) per distillation term; new classes come last among the
         student columns, where the teacher's padding with probability 0 puts them."""

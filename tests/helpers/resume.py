@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from clframe import ContinualDataModule, ContinualTrainer
 from clframe.callbacks.base import ContinualCallback
@@ -140,8 +141,8 @@ def run_case(case: Case, root: Path, ckpt_path: Path | None = None, save: L.Call
     model = case.make_model()
     probe = StateProbe()
     callbacks = [*case.callbacks(), probe] + ([save] if save is not None else [])
-    trainer = ContinualTrainer(default_root_dir=root, callbacks=callbacks, enable_checkpointing=False,
-                               **QUIET, **case.trainer)
+    trainer = ContinualTrainer(default_root_dir=root, callbacks=callbacks,
+                               **{"enable_checkpointing": False, **QUIET, **case.trainer})
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return Run(trainer, model, probe, trainer._checkpoint_connector.dump_checkpoint())
 
@@ -197,3 +198,29 @@ def assert_resumed_exactly(full: Run, resumed: Run, label: str) -> None:
             diff.append(f"state at {point} (first point the resumed run differs): {keys[:10]}")
             break
     assert not diff, f"{label}: the resumed run differs from the uninterrupted one in " + "; ".join(diff[:15])
+
+
+# ------------------------------------------------------------------ the per-strategy resume tests' shape
+def fit_saving_every_step(root: Path, make_model: Callable[[], ContinualModule], data: dict[str, Any],
+                          ckpt_path: Path | None = None, epochs_per_task: int = 2,
+                          ) -> tuple[ContinualTrainer, ContinualModule]:
+    """A seeded stream that writes ``step=N.ckpt`` into ``root`` after every training step; with
+    ``ckpt_path``, the same stream resumed from that checkpoint."""
+    L.seed_everything(0)
+    datamodule = ContinualDataModule(**data)
+    model = make_model()
+    ckpt = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer = ContinualTrainer(epochs_per_task=epochs_per_task, callbacks=[ckpt], default_root_dir=root,
+                               **{**QUIET, "enable_checkpointing": True})
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def assert_same_matrix_and_weights(full: tuple[ContinualTrainer, ContinualModule],
+                                   resumed: tuple[ContinualTrainer, ContinualModule], label: object = "") -> None:
+    """The resumed run's accuracy matrix and every tensor of its ``state_dict`` equal the uninterrupted run's."""
+    (full_trainer, full_model), (trainer, model) = full, resumed
+    np.testing.assert_array_equal(trainer.accuracy_matrix, full_trainer.accuracy_matrix, err_msg=str(label))
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), model.state_dict().items(), strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), (label, name)

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from clframe.callbacks.base import ContinualCallback
 from clframe.data.stream import Batch, Task, TaskStream
-from clframe.metrics.matrix import backward_transfer
+from clframe.metrics.matrix import backward_transfer, learning_accuracy
 from clframe.models.factory import check_kwargs
 from clframe.optim import OptimizerArg
 from clframe.strategies.base import ContinualModule
@@ -542,8 +542,9 @@ class HyperIntervalMetrics(ContinualCallback):
     """Logs HyperInterval's extra accuracies after every evaluation and adds their final values.
 
     After each task: ``eval/<name>_acc`` (mean over the tasks evaluated so far). At the end of the
-    stream: ``final/<name>_acc`` from the last evaluation, and ``final/<name>_bwt`` for metrics
-    recorded after every task (BWT as in :func:`clframe.metrics.matrix.backward_transfer`). Names:
+    stream: ``final/<name>_acc`` from the last evaluation, and ``final/<name>_bwt`` and
+    ``final/<name>_learning_acc`` (each task right after learning it) for metrics recorded after every task
+    (as in :mod:`clframe.metrics.matrix`). Names:
     ``worst_case`` (IBP accuracy of each task's weight box), ``universal`` (nested runs),
     ``cil`` and ``task_inference`` (entropy-based task inference), ``given_task`` (class-IL streams).
     The per-task rows go to ``trainer.continual_results["extra_accuracy"]``; they are saved in checkpoints,
@@ -584,5 +585,6 @@ class HyperIntervalMetrics(ContinualCallback):
             if n_tasks > 1 and len(rows) == n_tasks:
                 square = [r + [float("nan")] * (n_tasks - len(r)) for r in rows]
                 metrics[f"final/{name}_bwt"] = backward_transfer(square)
+                metrics[f"final/{name}_learning_acc"] = learning_accuracy(square)
         trainer.continual_results["extra_accuracy"] = {
             name: [[None if a != a else a for a in r] for r in rows] for name, rows in self.rows.items()}

@@ -11,14 +11,17 @@ OnePrompt and OVOR (VOR on top of any of them with ``vor={...}``). See ``docs/me
 | NearestClassMean (baseline) | none: frozen [CLS], nearest class mean, no training steps | no | 1 |
 """
 
-from clframe.strategies.prompt.base import PromptModule, PromptOutput, count_parameters
-from clframe.strategies.prompt.baselines import LinearProbe, NearestClassMean
-from clframe.strategies.prompt.coda_prompt import CODAPrompt
-from clframe.strategies.prompt.dualprompt import DualPrompt
-from clframe.strategies.prompt.l2p import L2P
-from clframe.strategies.prompt.oneprompt import OVOR, OnePrompt
-from clframe.strategies.prompt.ovor import VORConfig
-from clframe.strategies.prompt.vit import PrefixAttention, PromptViT
+from clframe.lazy import lazy_exports
 
 __all__ = ["CODAPrompt", "DualPrompt", "L2P", "LinearProbe", "NearestClassMean", "OVOR", "OnePrompt", "PrefixAttention",
            "PromptModule", "PromptOutput", "PromptViT", "VORConfig", "count_parameters"]
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "clframe.strategies.prompt.base": ["PromptModule", "PromptOutput", "count_parameters"],
+    "clframe.strategies.prompt.baselines": ["LinearProbe", "NearestClassMean"],
+    "clframe.strategies.prompt.coda_prompt": ["CODAPrompt"],
+    "clframe.strategies.prompt.dualprompt": ["DualPrompt"],
+    "clframe.strategies.prompt.l2p": ["L2P"],
+    "clframe.strategies.prompt.oneprompt": ["OVOR", "OnePrompt"],
+    "clframe.strategies.prompt.ovor": ["VORConfig"],
+    "clframe.strategies.prompt.vit": ["PrefixAttention", "PromptViT"],
+})

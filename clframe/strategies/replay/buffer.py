@@ -71,6 +71,8 @@ class ReplayBuffer(nn.Module):
         self.policy = policy
         self.generator = torch.Generator().manual_seed(seed)
         self.register_buffer("num_seen", torch.tensor(0, dtype=torch.long))
+        # a host copy of num_seen, so that inserting and sampling never wait for a GPU to read it back
+        self._seen_on_host = 0
         self.register_buffer("class_seen", torch.zeros(0, dtype=torch.long))
         self.fields: list[str] = []
         for name in ("x", "y", "t"):
@@ -100,7 +102,7 @@ class ReplayBuffer(nn.Module):
             return len(self._slots)
         if self._storage("y").numel() == 0:
             return 0
-        return int(min(int(self.num_seen), self.capacity))
+        return min(self._seen_on_host, self.capacity)
 
     def valid_slots(self) -> Tensor:
         """Indices of occupied slots, in increasing order."""
@@ -127,7 +129,12 @@ class ReplayBuffer(nn.Module):
             self._add_reservoir(values)
         else:
             self._add_class_balanced(values)
-        self.num_seen.add_(len(y))  # in place: no nn.Module.__setattr__ on every step
+        self.count_seen(len(y))
+
+    def count_seen(self, n: int) -> None:
+        """Add ``n`` to the samples offered so far (in place: no ``nn.Module.__setattr__`` per step)."""
+        self.num_seen.add_(n)
+        self._seen_on_host += int(n)
 
     def _write(self, slots: Tensor, rows: Tensor, values: dict[str, Tensor]) -> None:
         keep = _last_occurrence(slots)
@@ -154,7 +161,7 @@ class ReplayBuffer(nn.Module):
         return draw[rows], rows
 
     def _add_reservoir(self, values: dict[str, Tensor]) -> None:
-        slots, rows = self._reservoir_slots(int(self.num_seen), len(values["y"]), self.capacity)
+        slots, rows = self._reservoir_slots(self._seen_on_host, len(values["y"]), self.capacity)
         if len(slots):
             self._write(slots, rows, values)
 
@@ -288,3 +295,4 @@ class ReplayBuffer(nn.Module):
                 if attr in self._buffers and self._buffers[attr].shape != value.shape:
                     self._buffers[attr] = torch.empty_like(value, device=self._buffers[attr].device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._seen_on_host = int(self.num_seen)  # one read at load time

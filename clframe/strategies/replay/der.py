@@ -72,7 +72,7 @@ class DER(ReplayModule):
         logits, self._insert_logits = self._insert_logits, None
         if logits is None or len(logits) != len(x):
             logits = self.raw_logits(x)
-        return {"logits": logits}
+        return {"logits": logits.float()}  # float32 storage also under bf16/fp16 autocast
 
 
 class DERpp(DER):

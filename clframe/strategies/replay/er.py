@@ -134,11 +134,7 @@ class ReplayModule(ContinualModule):
         views = vb.views_of(self, batch)
         with vb.capture(self.head) as outputs:
             loss = super().training_step(views, batch_idx)
-        ssl = vb.ssl_term(self, outputs)
-        if ssl is not None:
-            loss = loss + ssl
-            if self.step_metrics_wanted():
-                self.log("train/view_ssl", vb.last_ssl, on_step=True, on_epoch=False)
+        loss = vb.add_ssl_term(self, outputs, loss)
         x, y, t = batch
         values = vb.anchors(self, {"x": x, "y": y, "t": t, **self.buffer_extras(views)})
         self.buffer.add(**self.gather_ranks(values))

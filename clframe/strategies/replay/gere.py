@@ -221,8 +221,6 @@ class GeRe(ContinualModule):
 
     def train(self, mode: bool = True) -> GeRe:
         super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()
         if mode and self.hparams.freeze_bn and self.backbone is not None:
             for m in self.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout):

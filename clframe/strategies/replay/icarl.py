@@ -96,7 +96,7 @@ class ExemplarMemory(ReplayBuffer):
         if len(free) < len(y):
             raise RuntimeError(f"exemplar memory full: {len(y)} to insert, {len(free)} free slots")
         self._write(free[: len(y)].cpu(), torch.arange(len(y)), values)
-        self.num_seen += len(y)
+        self.count_seen(len(y))
         self.reindex()
 
     def take(self, slots: Tensor) -> dict[str, Tensor]:
@@ -159,12 +159,6 @@ class ICaRL(ContinualModule):
     # ------------------------------------------------------------------ teacher
     def _snapshot_teacher(self) -> None:
         self.teacher = frozen_copy(backbone=self.backbone, head=self.head)
-
-    def train(self, mode: bool = True) -> ICaRL:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
 
     # ------------------------------------------------------------------ forward
     def _normalized(self, feats: Tensor) -> Tensor:
@@ -263,12 +257,7 @@ class ICaRL(ContinualModule):
             return super().training_step(batch, batch_idx)
         with vb.capture(self.head) as outputs:  # the task views and the exemplar views, whole R-row groups
             loss = super().training_step(vb.views_of(self, batch), batch_idx)
-        ssl = vb.ssl_term(self, outputs)
-        if ssl is not None:
-            loss = loss + ssl
-            if self.step_metrics_wanted():
-                self.log("train/view_ssl", vb.last_ssl, on_step=True, on_epoch=False)
-        return loss
+        return vb.add_ssl_term(self, outputs, loss)
 
     # ------------------------------------------------------------------ task end
     @torch.no_grad()

@@ -222,6 +222,15 @@ class ViewBatch:
         self.last_ssl = loss.detach()
         return self.config.alpha * loss
 
+    def add_ssl_term(self, module: ContinualModule, outputs: list[Tensor], loss: Tensor) -> Tensor:
+        """``loss`` plus :meth:`ssl_term` when active (logged as ``train/view_ssl`` where step metrics are wanted)."""
+        ssl = self.ssl_term(module, outputs)
+        if ssl is None:
+            return loss
+        if module.step_metrics_wanted():
+            module.log("train/view_ssl", self.last_ssl, on_step=True, on_epoch=False)
+        return loss + ssl
+
 
 def seen_classes(module: ContinualModule) -> Tensor | None:
     """Columns of the classes seen so far (class- and task-incremental streams); ``None``: all (domain)."""

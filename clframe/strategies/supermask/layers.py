@@ -323,14 +323,7 @@ class MaskedSequential(nn.Sequential):
 def masked_mlp(input_shape: Sequence[int], n_tasks: int, hidden_sizes: Sequence[int] = (300, 100),
                **layer_kwargs: Any) -> MaskedSequential:
     """Flatten, then masked Linear + ReLU layers (LeNet-300-100 by default, FC1024 with [1024, 1024])."""
-    width = math.prod(input_shape)
-    layers: list[nn.Module] = [nn.Flatten()]
-    for h in hidden_sizes:
-        layers += [MaskedLinear(width, h, n_tasks=n_tasks, **layer_kwargs), nn.ReLU()]
-        width = h
-    net = MaskedSequential(*layers)
-    net.num_features = width
-    return net
+    return _with_masked_fc([nn.Flatten()], math.prod(input_shape), hidden_sizes, n_tasks, **layer_kwargs)
 
 
 def masked_convnet(input_shape: Sequence[int], n_tasks: int, channels: Sequence[int] = (32, 64),
@@ -342,8 +335,12 @@ def masked_convnet(input_shape: Sequence[int], n_tasks: int, channels: Sequence[
         layers += [MaskedConv2d(c, out, 3, padding=1, n_tasks=n_tasks, **layer_kwargs), TaskBatchNorm2d(n_tasks, out),
                    nn.ReLU(), nn.MaxPool2d(2)]
         c, h, w = out, h // 2, w // 2
-    layers.append(nn.Flatten())
-    width = c * h * w
+    return _with_masked_fc([*layers, nn.Flatten()], c * h * w, hidden_sizes, n_tasks, **layer_kwargs)
+
+
+def _with_masked_fc(layers: list[nn.Module], width: int, hidden_sizes: Sequence[int], n_tasks: int,
+                    **layer_kwargs: Any) -> MaskedSequential:
+    """``layers`` (ending in ``width`` features), then masked Linear + ReLU layers of ``hidden_sizes``."""
     for size in hidden_sizes:
         layers += [MaskedLinear(width, size, n_tasks=n_tasks, **layer_kwargs), nn.ReLU()]
         width = size
