@@ -27,9 +27,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def set_threads(argv: list[str]) -> str:
-    """OpenMP/MKL threads from ``--threads N`` in ``argv`` (else the environment's, else 1); OpenMP reads the
-    count when torch is imported, so this runs first."""
-    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    """OpenMP/MKL threads from ``--threads N`` in ``argv`` (default 1, whatever the environment says); OpenMP
+    reads the count when torch is imported, so this runs first."""
+    threads = "1"
     for i, a in enumerate(argv):
         if a.startswith("--threads"):
             threads = a.split("=", 1)[1] if "=" in a else argv[i + 1]
