@@ -1015,11 +1015,9 @@ def ce_run_clframe(stream, init_state, hidden, eval_batch_size: int | None, root
     trainer = ContinualTrainer(epochs_per_task=1, eval_after_task=False, callbacks=[cb] if cb else [],
                                **trainer_kwargs(root))
     fwd = ForwardTimer(module) if cb else None
-    t0 = time.perf_counter()
-    with quiet():
+    with quiet(), clock() as t:
         trainer.fit(module, datamodule=dm)
-    wall = time.perf_counter() - t0
-    out = {"wall_s": wall, "iterations": trainer.global_step, "module": module}
+    out = {"wall_s": t["wall"], "iterations": trainer.global_step, "module": module}
     if cb:
         assert cb.stream_end_calls == 1 and cb.metrics and (Path(root) / "continual_eval.csv").exists()
         out.update(evaluations=len(cb.steps), eval_calls=cb.eval_calls, eval_direct_s=cb.eval_seconds,
@@ -1087,10 +1085,10 @@ def ce_run_avalanche(bm, init_state, mean, std, hidden, with_eval: bool, metrics
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
                      train_mb_size=128, train_epochs=1, eval_mb_size=1000, device="cpu", plugins=[counter],
                      evaluator=evaluator, eval_every=1 if with_eval else -1, peval_mode="iteration")
-    t0 = time.perf_counter()
-    for t, exp in enumerate(bm.train_stream):
-        strategy.train(exp, eval_streams=[bm.test_stream[: t + 1]], reset_optimizer_state=True)
-    wall = time.perf_counter() - t0
+    with clock() as timed:
+        for t, exp in enumerate(bm.train_stream):
+            strategy.train(exp, eval_streams=[bm.test_stream[: t + 1]], reset_optimizer_state=True)
+    wall = timed["wall"]
     last = evaluator.get_last_metrics() if metrics else {}
     last_acc = [last.get(f"Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{j:03d}", float("nan"))
                 for j in range(len(bm.train_stream))]
@@ -1793,13 +1791,8 @@ def measure_cost(config: str, batch: int = 256, repeats: int = 5) -> dict:
     model.current_task.fill_(4)
     model.eval()
     x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
-    times = []
     with torch.no_grad():
-        model(x)
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
+        times = interleaved({"forward": lambda: model(x)}, repeats, 1)["forward"]
     return {"config": config, **model.parameter_report(), "vit_passes_per_image": model.forward_passes_per_image,
             "ms_per_image": 1000 * median(times) / batch}
 
