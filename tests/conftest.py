@@ -20,6 +20,18 @@ QUIET_TRAINER = {"enable_checkpointing": False, "enable_progress_bar": False, "e
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _decoded_data_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Decoded-data cache entries go to a folder of this session (shared by its tests and their child processes),
+    not the user's cache; set CLFRAME_CACHE yourself to keep them between sessions."""
+    if os.environ.get("CLFRAME_CACHE"):
+        yield
+        return
+    os.environ["CLFRAME_CACHE"] = str(tmp_path_factory.mktemp("clframe_cache"))
+    yield
+    os.environ.pop("CLFRAME_CACHE", None)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _single_thread():
     """Tiny models and thousands of small tensor ops run fastest on one thread, and stay fast on a busy host."""
     import torch

@@ -100,6 +100,8 @@ class ContinualDataModule(L.LightningDataModule):
     classes to 0..k-1 over one shared k-way head. ``domain`` is the older name of ``tasks``.
     ``image_size`` pads (``resize="pad"``, zeros around the image) or resizes (``"bilinear"``) every
     image to a square size once, at load time (MNIST to 32x32 as in several MNIST protocols).
+    ``data_cache``: where decoded images are kept between runs (unset: ``CLFRAME_CACHE`` or the default
+    folder; ``false``: decode every time; a folder; see :mod:`clframe.data.cache`).
     ``train_transforms`` / ``eval_transforms``: a preset (``cifar_crop_flip``, ``tiny_imagenet_crop_flip``)
     or a list of ``torchvision.transforms.v2`` classes (see :mod:`clframe.data.augment`), applied by the
     strategy on its device, per sample: to training inputs only (train) or to evaluation inputs (eval).
@@ -128,6 +130,7 @@ class ContinualDataModule(L.LightningDataModule):
         severity: int = 3,
         data_root: str | None = None,
         download: bool = False,
+        data_cache: bool | str | None = None,
         source_options: dict[str, Any] | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 256,
@@ -188,7 +191,7 @@ class ContinualDataModule(L.LightningDataModule):
 
     def _load(self, name: str, download: bool):
         source = load_source(name, root=self.hparams.data_root, download=download,
-                             **(self.hparams.source_options or {}))
+                             cache=self.hparams.get("data_cache"), **(self.hparams.source_options or {}))
         size = self.hparams.get("image_size")
         return source if download or size is None else resize_source(source, size, self.hparams.get("resize", "pad"))
 
