@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import timing  # noqa: E402
 
 REPLACED = {f"benchmarks/{name}.py" for name in ("overhead", "continual_eval_overhead", "buffer_micro",
-                                                 "ewc_fisher_speed", "startup_time", "prompt_cost")}
+                                                 "ewc_fisher_speed", "startup_time", "prompt_cost", "data_cache")}
 
 
 def test_alternating_reverses_every_other_round() -> None:
@@ -50,7 +50,7 @@ def test_set_threads_reads_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_documented_timing_commands_exist() -> None:
     """The docs name no timing script that perf.py replaced, and every ``perf.py SUB`` they name is a subcommand."""
     subcommands = set(re.findall(r'command\("([a-z-]+)"', (ROOT / "benchmarks" / "perf.py").read_text()))
-    assert subcommands == {"overhead", "continual-eval", "buffer", "ewc-fisher", "startup", "prompt-cost"}
+    assert subcommands == {"overhead", "continual-eval", "buffer", "ewc-fisher", "startup", "prompt-cost", "data-cache"}
     docs = [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md", *sorted((ROOT / "docs").rglob("*.md")),
             *sorted((ROOT / "benchmarks" / "suites").glob("*.yaml"))]
     for doc in docs:
