@@ -622,7 +622,7 @@ def profile_clframe(exp: Experiment, out: Path) -> dict[str, Any]:
     stats.sort_stats("cumulative").print_stats(70)
     out.write_text(f"# cProfile of one clframe run ({exp.name}, {res['steps']} steps, {wall:.2f} s under the "
                    f"profiler)\n\n{buf.getvalue()}")
-    return {"wall_s_under_profiler": wall, "steps": res["steps"], "file": str(out.relative_to(ROOT))}
+    return {"wall_s_under_profiler": wall, "steps": res["steps"], "file": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out)}
 
 
 # ============================================================================ report
