@@ -149,7 +149,9 @@ class ER(ReplayModule):
     stability-gap paper); while the buffer is empty the replay term is absent, so ``L = w * CE(new)``.
 
     Args:
-        new_weight: ``w`` above; ``None`` concatenates the two batches into one cross-entropy.
+        new_weight: ``w`` above; ``None`` concatenates the two batches into one cross-entropy;
+            ``"balanced"`` sets ``w = 1/t`` during the t-th task (van de Ven's weighting, so every task
+            seen so far counts equally in the loss).
         buffer_update: when the buffer is filled. ``online`` (default) offers every training batch
             right after its step, so during a task the buffer also holds that task's samples.
             ``task_end`` offers the finished task's whole training set once the task ends (the
@@ -157,9 +159,12 @@ class ER(ReplayModule):
         **kwargs: :class:`ReplayModule` and :class:`ContinualModule` options.
     """
 
-    def __init__(self, new_weight: float | None = None, buffer_update: BufferUpdate = "online", **kwargs: Any) -> None:
+    def __init__(self, new_weight: float | Literal["balanced"] | None = None, buffer_update: BufferUpdate = "online",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if new_weight is not None and not 0.0 <= new_weight <= 1.0:
+        if isinstance(new_weight, str) and new_weight != "balanced":
+            raise ConfigError(f"new_weight must be a number in [0, 1], 'balanced' or null, got {new_weight!r}")
+        if isinstance(new_weight, (int, float)) and not 0.0 <= new_weight <= 1.0:
             raise ConfigError(f"new_weight must be in [0, 1], got {new_weight}")
         if buffer_update not in ("online", "task_end"):
             raise ConfigError(f"buffer_update must be 'online' or 'task_end', got {buffer_update!r}")
@@ -179,6 +184,8 @@ class ER(ReplayModule):
         x, y, t = batch
         replay = self.replay_batch(len(y))
         w = self.hparams.new_weight
+        if w == "balanced":
+            w = 1.0 / (int(self.current_task) + 1)
         if replay is None:
             loss = F.cross_entropy(self(x, t), y)
             return loss if w is None else w * loss
