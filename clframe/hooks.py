@@ -3,7 +3,7 @@
 Every training step Lightning calls about 25 hooks on the module and the callbacks, most of them the base
 classes' empty methods, and wraps each call in a profiler context and two ``_current_fx_name`` assignments
 (``nn.Module.__setattr__``, a few microseconds each). With a small model that is a visible share of a step
-(``benchmarks/overhead.py``). What is skipped here has no effect by construction:
+(``benchmarks/perf.py overhead``). What is skipped here has no effect by construction:
 
 * :class:`PassThrough`: the default profiler (Lightning's ``PassThroughProfiler`` records nothing either),
   its ``profile`` returning one shared empty context instead of building a generator context per call.

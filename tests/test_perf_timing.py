@@ -1,0 +1,62 @@
+"""The shared timing machinery of benchmarks/perf.py (benchmarks/timing.py), and the documented commands
+naming scripts and harness subcommands that exist."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import timing  # noqa: E402
+
+REPLACED = {f"benchmarks/{name}.py" for name in ("overhead", "continual_eval_overhead", "buffer_micro",
+                                                 "ewc_fisher_speed", "startup_time", "prompt_cost", "data_cache")}
+
+
+def test_alternating_reverses_every_other_round() -> None:
+    assert list(timing.alternating(["a", "b", "c"], 2)) == [(0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a")]
+
+
+def test_interleaved_discards_warmup_and_ratio_pairs_rounds() -> None:
+    ticks = iter(range(100))
+    times = timing.interleaved({"x": lambda: None, "y": lambda: None}, repeats=3, warmup=1,
+                               timer=lambda: float(next(ticks)))
+    assert times == {"x": [1.0] * 3, "y": [1.0] * 3}
+    r = timing.ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])
+    assert r["of_medians"] == 2.0 and r["paired_median"] == 2.0 and r["paired_min_max"] == (2.0, 3.0)
+    assert timing.quartiles([1.0]) == (1.0, 1.0)
+
+
+def test_clock_and_write_results(tmp_path: Path) -> None:
+    with timing.clock() as t:
+        sum(range(1000))
+    assert t["wall"] >= 0 and t["cpu"] >= 0
+    timing.write_results(tmp_path / "sub" / "out", "# md\n", {"a": 1})
+    assert (tmp_path / "sub" / "out.md").read_text() == "# md\n"
+    assert (tmp_path / "sub" / "out.json").read_text() == '{\n "a": 1\n}\n'
+
+
+def test_set_threads_reads_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    assert timing.set_threads(["perf.py", "overhead"]) == "1"
+    assert timing.set_threads(["perf.py", "overhead", "--threads", "2"]) == "2"
+    assert timing.set_threads(["perf.py", "overhead", "--threads=3"]) == "3"
+
+
+def test_documented_timing_commands_exist() -> None:
+    """Every ``python benchmarks/X.py`` in the docs names a file (none of the scripts perf.py replaced), and every
+    ``perf.py SUB`` they name is a subcommand."""
+    subcommands = set(re.findall(r'command\("([a-z-]+)"', (ROOT / "benchmarks" / "perf.py").read_text()))
+    assert subcommands == {"overhead", "continual-eval", "buffer", "ewc-fisher", "startup", "prompt-cost", "data-cache"}
+    docs = [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md", *sorted((ROOT / "docs").rglob("*.md")),
+            *sorted((ROOT / "benchmarks" / "suites").glob("*.yaml"))]
+    for doc in docs:
+        text = doc.read_text()
+        for script in re.findall(r"python (benchmarks/[\w/]+\.py)", text):
+            assert script not in REPLACED and (ROOT / script).is_file(), f"{doc.name} names {script}"
+        for sub in re.findall(r"benchmarks/perf\.py ([\w-]+)", text):
+            assert sub in subcommands, f"{doc.name} names perf.py {sub}"
