@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from clframe.errors import ConfigError
-from clframe.strategies.replay.slots import ClassSlots, draw_distinct
+from clframe.strategies.replay.slots import ClassSlots, draw_distinct, first_occurrence_into
 
 BufferPolicy = Literal["reservoir", "class_balanced"]
 
@@ -138,16 +138,32 @@ class ReplayBuffer(nn.Module):
 
     def _write(self, slots: Tensor, rows: Tensor, values: dict[str, Tensor]) -> None:
         keep = _last_occurrence(slots)
-        slots, rows = slots[keep], rows[keep]
+        self._write_distinct(slots[keep], rows[keep], values)
+
+    def _write_distinct(self, slots: Tensor, rows: Tensor, values: dict[str, Tensor]) -> None:
+        """Store row ``rows[i]`` of ``values`` in slot ``slots[i]`` (the slots distinct)."""
         dev = self.data_y.device
         slots, rows_dev = slots.to(dev), rows.to(values["y"].device)
         for name, v in values.items():
             store = self._storage(name)
-            new = v.index_select(0, rows_dev).to(device=dev, dtype=store.dtype)
             if store.dim() > 1 and store.element_size() < 8 and store.is_contiguous():  # reshape: a view
-                _rows_as_words(store).index_put_((slots,), _rows_as_words(new.contiguous()))
+                words = _rows_as_words(store)
+                if v.dtype == store.dtype and v.device == dev:  # pick the rows' words directly
+                    new = _rows_as_words(v.contiguous())
+                    if new.dtype == words.dtype:
+                        words.index_copy_(0, slots, new.index_select(0, rows_dev))
+                        continue
+                new = v.index_select(0, rows_dev).to(device=dev, dtype=store.dtype)
+                words.index_copy_(0, slots, _rows_as_words(new.contiguous()))
             else:
-                store.index_put_((slots,), new)
+                store.index_copy_(0, slots, v.index_select(0, rows_dev).to(device=dev, dtype=store.dtype))
+
+    def _scratch_of(self, size: int) -> Tensor:
+        """A host int64 work tensor of at least ``size`` entries (contents meaningless; not saved)."""
+        scratch = self.__dict__.get("_scratch")
+        if scratch is None or len(scratch) < size:
+            scratch = self.__dict__["_scratch"] = torch.empty(size, dtype=torch.long)
+        return scratch
 
     def _reservoir_slots(self, start: int, count: int, room: int) -> tuple[Tensor, Tensor]:
         """Slots (< room) chosen by algorithm R for stream positions start..start+count-1."""
@@ -171,38 +187,48 @@ class ReplayBuffer(nn.Module):
         tensor operations on the batch and on per-label vectors; no scan of the storage."""
         book = self._slots
         # rows grouped by label, stream order within a label; the labels are the one transfer needed
-        ys, order = torch.sort(values["y"].cpu(), stable=True)
-        n_labels = max(len(self.class_seen), len(book.count), int(ys[-1]) + 1)
-        if len(self.class_seen) < n_labels:
-            grown = torch.zeros(n_labels, dtype=torch.long, device=self.class_seen.device)
-            grown[: len(self.class_seen)] = self.class_seen
-            self.class_seen = grown
+        y = values["y"]
+        ys, order = torch.sort(y if y.device.type == "cpu" else y.cpu(), stable=True)
+        class_seen = self.class_seen
+        n_labels = max(len(class_seen), len(book.count), int(ys[-1]) + 1)
+        if len(class_seen) < n_labels:
+            grown = torch.zeros(n_labels, dtype=torch.long, device=class_seen.device)
+            grown[: len(class_seen)] = class_seen
+            self.class_seen = class_seen = grown
         book.grow(n_labels)
-        seen = self.class_seen.cpu()  # read only (on the host this is the buffer itself)
-        seen_ys = seen[ys]
-        if bool((seen_ys == 0).any()):  # new classes: a smaller quota for everyone
+        seen = class_seen if class_seen.device.type == "cpu" else class_seen.cpu()  # read only
+        seen_ys = seen.index_select(0, ys)
+        if not bool(seen_ys.all()):  # new classes: a smaller quota for everyone
             arrived = seen > 0
             arrived[ys] = True
             self._rebalance(arrived.nonzero().flatten())
-        quota = book.quota
-        rank = torch.arange(len(ys)) - torch.searchsorted(ys, ys)  # a row's rank among its class's rows here
-        pos = seen_ys + rank  # its position in its class's stream
+        quota, n = book.quota, len(ys)
+        rank = torch.arange(n).sub_(torch.searchsorted(ys, ys))  # a row's rank among its class's rows here
+        pos = seen_ys.add_(rank)  # its position in its class's stream
         # algorithm R over the class's stream: position p takes entry floor(u * (p + 1)) of the class's list
-        entry = (torch.rand(len(ys), generator=self.generator, dtype=torch.float64) * (pos + 1)).long()
+        entry = torch.rand(n, generator=self.generator, dtype=torch.float64).mul_(pos + 1).long()
         entry = torch.where(pos < quota, pos, entry)
-        held = book.count[ys]
-        fill = rank < quota - held
-        filling = int(fill.sum())
-        if filling:  # rows of classes below the quota append the lowest free slots to their class's list
-            entry = torch.where(fill, held + rank, entry)
-            book.table[book.start[ys[fill]] + entry[fill]] = book.pop_free(filling)
-            book.count.index_add_(0, ys[fill], torch.ones(filling, dtype=torch.long))
-        hit = entry < quota
-        # in (label, stream) order, so a later row of a class overwrites an earlier one's slot, never the reverse
-        slots = book.table[book.start[ys[hit]] + entry[hit]]
-        if len(slots):
-            self._write(slots, order[hit], values)
-        self.class_seen += torch.bincount(ys, minlength=n_labels).to(self.class_seen.device)
+        if book.n_free:  # with no free slot every class is at its quota: none can be filling
+            held = book.count.index_select(0, ys)
+            fill = rank < quota - held
+            filling = int(fill.sum())
+            if filling:  # rows of classes below the quota append the lowest free slots to their class's list
+                entry = torch.where(fill, held + rank, entry)
+                book.table[book.start[ys[fill]] + entry[fill]] = book.pop_free(filling)
+                book.count.index_add_(0, ys[fill], torch.ones(filling, dtype=torch.long))
+                book.counts_changed()
+        hit = (entry < quota).nonzero().flatten()
+        if len(hit):
+            # places in the slot table, in (label, stream) order: of rows sharing a place the last one's
+            # write is kept (a later row of a class overwrites an earlier one's slot, never the reverse)
+            place = book.start.index_select(0, ys).add_(entry).index_select(0, hit)
+            keep = first_occurrence_into(place.flip(0), self._scratch_of(len(book.table))).flip(0)
+            rows = order.index_select(0, hit)
+            if not bool(keep.all()):
+                place, rows = place[keep], rows[keep]
+            self._write_distinct(book.table.index_select(0, place), rows, values)
+        bump = torch.bincount(ys, minlength=n_labels)
+        class_seen.add_(bump if class_seen.device.type == "cpu" else bump.to(class_seen.device))
 
     def _rebalance(self, classes: Tensor) -> None:
         """Shrink every class above the new quota to it by random evictions, and lay the class
@@ -218,6 +244,7 @@ class ReplayBuffer(nn.Module):
             evicted.append(own[~keep])
             own[:quota] = own[keep].clone()  # survivors keep their order, at the segment's head
             book.count[c] = quota
+            book.counts_changed()
         if evicted:
             gone = torch.cat(evicted)
             self.data_y[gone.to(self.data_y.device)] = -1
@@ -240,7 +267,7 @@ class ReplayBuffer(nn.Module):
         # the first n * world_size places of a random order of the stored samples: rank r takes
         # places r, r + world_size, ...; with fewer stored samples than ranks every rank replays them all
         spread = size >= world_size
-        pick = draw_distinct(size, n * world_size if spread else n, self.generator)
+        pick = draw_distinct(size, n * world_size if spread else n, self.generator, self._scratch_of(size))
         if spread:
             pick = pick[rank::world_size]
         pick = pick[:n]
