@@ -141,22 +141,31 @@ class ReplayBuffer(nn.Module):
         self._write_distinct(slots[keep], rows[keep], values)
 
     def _write_distinct(self, slots: Tensor, rows: Tensor, values: dict[str, Tensor]) -> None:
-        """Store row ``rows[i]`` of ``values`` in slot ``slots[i]`` (the slots distinct)."""
+        """Store row ``rows[i]`` of ``values`` in slot ``slots[i]`` (the slots distinct). Rows of several
+        words go by ``index_put_``, single words by ``index_copy_``: each the faster of the two there."""
         dev = self.data_y.device
         slots, rows_dev = slots.to(dev), rows.to(values["y"].device)
         for name, v in values.items():
             store = self._storage(name)
             if store.dim() > 1 and store.element_size() < 8 and store.is_contiguous():  # reshape: a view
                 words = _rows_as_words(store)
-                if v.dtype == store.dtype and v.device == dev:  # pick the rows' words directly
-                    new = _rows_as_words(v.contiguous())
-                    if new.dtype == words.dtype:
-                        words.index_copy_(0, slots, new.index_select(0, rows_dev))
-                        continue
-                new = v.index_select(0, rows_dev).to(device=dev, dtype=store.dtype)
-                words.index_copy_(0, slots, _rows_as_words(new.contiguous()))
-            else:
+                new = _rows_as_words(v.contiguous()) if v.dtype == store.dtype and v.device == dev else None
+                if new is not None and new.dtype == words.dtype:  # pick the rows' words directly
+                    new = new.index_select(0, rows_dev)
+                else:
+                    new = _rows_as_words(v.index_select(0, rows_dev).to(device=dev, dtype=store.dtype).contiguous())
+                words.index_put_((slots,), new)
+            elif store.dim() == 1:
                 store.index_copy_(0, slots, v.index_select(0, rows_dev).to(device=dev, dtype=store.dtype))
+            else:
+                store.index_put_((slots,), v.index_select(0, rows_dev).to(device=dev, dtype=store.dtype))
+
+    def _ones(self, n: int) -> Tensor:
+        """``n`` int64 ones on the host (a view of a kept tensor: do not write to it)."""
+        ones = self.__dict__.get("_ones_kept")
+        if ones is None or len(ones) < n:
+            ones = self.__dict__["_ones_kept"] = torch.ones(max(n, 1024), dtype=torch.long)
+        return ones[:n]
 
     def _scratch_of(self, size: int) -> Tensor:
         """A host int64 work tensor of at least ``size`` entries (contents meaningless; not saved)."""
@@ -215,20 +224,22 @@ class ReplayBuffer(nn.Module):
             if filling:  # rows of classes below the quota append the lowest free slots to their class's list
                 entry = torch.where(fill, held + rank, entry)
                 book.table[book.start[ys[fill]] + entry[fill]] = book.pop_free(filling)
-                book.count.index_add_(0, ys[fill], torch.ones(filling, dtype=torch.long))
+                book.count.index_add_(0, ys[fill], self._ones(filling))
                 book.counts_changed()
         hit = (entry < quota).nonzero().flatten()
         if len(hit):
             # places in the slot table, in (label, stream) order: of rows sharing a place the last one's
             # write is kept (a later row of a class overwrites an earlier one's slot, never the reverse)
             place = book.start.index_select(0, ys).add_(entry).index_select(0, hit)
-            keep = first_occurrence_into(place.flip(0), self._scratch_of(len(book.table))).flip(0)
+            keep = first_occurrence_into(place, self._scratch_of(len(book.table)), last=True)
             rows = order.index_select(0, hit)
             if not bool(keep.all()):
                 place, rows = place[keep], rows[keep]
             self._write_distinct(book.table.index_select(0, place), rows, values)
-        bump = torch.bincount(ys, minlength=n_labels)
-        class_seen.add_(bump if class_seen.device.type == "cpu" else bump.to(class_seen.device))
+        if class_seen.device.type == "cpu":
+            class_seen.index_add_(0, ys, self._ones(n))
+        else:
+            class_seen.add_(torch.bincount(ys, minlength=n_labels).to(class_seen.device))
 
     def _rebalance(self, classes: Tensor) -> None:
         """Shrink every class above the new quota to it by random evictions, and lay the class
