@@ -34,7 +34,8 @@ QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": 
 
 # Attributes that are not training state: Lightning's bookkeeping and per-evaluation scratch values
 # (rebuilt by every validation/test run before they are read).
-_NOT_STATE = {"training", "_trainer", "_hparams", "_hparams_initial", "_hparams_name", "_metric_attributes",
+# "_scratch", "_ones_kept": the replay buffer's work tensors (contents never read before written; made lazily)
+_NOT_STATE = {"_scratch", "_ones_kept", "training", "_trainer", "_hparams", "_hparams_initial", "_hparams_name", "_metric_attributes",
               "_current_fx_name", "_param_requires_grad_state", "_device", "_dtype", "_example_input_array",
               "_compiler_ctx", "_fabric", "_fabric_optimizers", "_log_hyperparams", "_strict_loading",
               "_automatic_optimization", "_device_mesh", "_register_load_state_dict_pre_hook", "_backbone_spec",
