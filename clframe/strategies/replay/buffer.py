@@ -15,22 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from clframe.errors import ConfigError
-from clframe.strategies.replay.slots import ClassSlots, draw_distinct, first_occurrence_into
+from clframe.strategies.replay.slots import ClassSlots, draw_distinct, first_occurrence_into, last_occurrence
 
 BufferPolicy = Literal["reservoir", "class_balanced"]
-
-
-def _last_occurrence(slots: Tensor) -> Tensor:
-    """Positions whose slot is not written again later in the batch (sequential semantics)."""
-    if len(slots) <= 1:
-        return torch.ones_like(slots, dtype=torch.bool)
-    order = torch.sort(slots, stable=True).indices
-    s = slots[order]
-    last_sorted = torch.ones_like(s, dtype=torch.bool)
-    last_sorted[:-1] = s[1:] != s[:-1]
-    keep = torch.zeros_like(slots, dtype=torch.bool)
-    keep[order] = last_sorted
-    return keep
 
 
 def _rows_as_words(t: Tensor) -> Tensor:
@@ -137,7 +124,7 @@ class ReplayBuffer(nn.Module):
         self._seen_on_host += int(n)
 
     def _write(self, slots: Tensor, rows: Tensor, values: dict[str, Tensor]) -> None:
-        keep = _last_occurrence(slots)
+        keep = last_occurrence(slots)
         self._write_distinct(slots[keep], rows[keep], values)
 
     def _write_distinct(self, slots: Tensor, rows: Tensor, values: dict[str, Tensor]) -> None:

@@ -32,6 +32,11 @@ def first_occurrence(values: Tensor) -> Tensor:
     return keep
 
 
+def last_occurrence(values: Tensor) -> Tensor:
+    """Mask of the positions whose value does not occur later in ``values`` (the write that wins)."""
+    return first_occurrence(values.flip(0)).flip(0)
+
+
 def first_occurrence_into(values: Tensor, scratch: Tensor, last: bool = False) -> Tensor:
     """:func:`first_occurrence` of ``values`` (all below ``len(scratch)``) without a sort: each value's
     smallest position is scattered into ``scratch`` (whose old contents do not matter), three tensor
