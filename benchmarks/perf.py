@@ -245,7 +245,7 @@ class PlainReservoir:
 
     def sample(self, n: int) -> tuple[Tensor, Tensor]:
         idx = torch.randperm(min(self.seen, self.capacity), generator=self.gen)[:n]
-        return self.x[idx], self.y[idx]
+        return self.x.index_select(0, idx), self.y.index_select(0, idx)
 
     def add(self, x: Tensor, y: Tensor) -> None:
         n = len(y)
@@ -285,7 +285,7 @@ def run_plain(exp: Experiment, _root: str, seed: int = 0) -> dict[str, Any]:
         order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(epoch_seed(exp.stream.seed, task_id)))
         for lo in range(0, len(order), exp.batch_size):
             idx = order[lo:lo + exp.batch_size]
-            x, y = x_all[idx], y_all[idx]
+            x, y = x_all.index_select(0, idx), y_all.index_select(0, idx)  # faster than x_all[idx]
             if buf.seen:
                 rx, ry = buf.sample(exp.replay_batch_size)
                 x_in, y_in = torch.cat([x, rx]), torch.cat([y, ry])

@@ -290,7 +290,7 @@ class ContinualTrainer(L.Trainer):
             ckpt_path = self.resolve_checkpoint(ckpt_path)
         start = self._resume_point(ckpt_path) if ckpt_path is not None else 0
         announce_log_folder(log_folder(self), "start")  # after _resume_point: a resumed run's own folder
-        with skipping_noop_hooks(self, model), self._once_per_stream(model, datamodule):
+        with skipping_noop_hooks(self, model, datamodule), self._once_per_stream(model, datamodule):
             if ckpt_path is None:
                 self.progress.rows, self.progress.val_rows, self.progress.til_rows = [], [], []
                 self.progress.initial = None

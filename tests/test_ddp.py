@@ -81,14 +81,14 @@ def test_data_module_serves_this_ranks_shard():
     for rank in range(2):
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
         train = dm.train_dataloader()
-        served[rank] = (list(train.sampler), dm.test_dataloader().batch_sampler.task_indices())
+        served[rank] = (train.batch_sampler.epoch_order().tolist(), dm.test_dataloader().batch_sampler.task_indices())
     dm.trainer = None
     (train0, test0), (train1, test1) = served[0], served[1]
     n = len(dm.stream.tasks[2].train)
     assert len(train0) == len(train1) == n // 2 and not set(train0) & set(train1)
     for j, (a, b) in enumerate(zip(test0, test1, strict=True)):
         assert sorted(a + b) == list(range(len(dm.stream.tasks[j].test)))
-    assert len(dm.train_dataloader().sampler) == n  # no trainer: the whole task
+    assert len(dm.train_dataloader().batch_sampler.epoch_order()) == n  # no trainer: the whole task
 
 
 def test_replay_draws_are_disjoint_shares_of_one_draw():
@@ -157,7 +157,7 @@ class DDPProbe(L.Callback):
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._order, self._seen, self._sum = trainer.train_dataloader.sampler.epoch_order(), 0, 0
+        self._order, self._seen, self._sum = trainer.train_dataloader.batch_sampler.epoch_order(), 0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._seen += len(batch[1])

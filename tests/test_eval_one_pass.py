@@ -24,7 +24,9 @@ def test_task_batches_are_the_per_task_loaders_batches_one_after_the_other(world
             expected += [[offset + i for i in share[lo:lo + batch]] for lo in range(0, len(share), batch)]
             offset += n
         sampler = TaskBatchSampler(sizes, batch, rank, world)
-        assert list(sampler) == expected and len(sampler) == len(expected)
+        assert [b.tolist() for b in sampler] == expected and len(sampler) == len(expected)
+        assert all(b.dtype == torch.long for b in sampler)
+        assert list(TaskBatchSampler(sizes, batch, rank, world, as_lists=True)) == expected
 
 
 class _Loops(L.Callback):

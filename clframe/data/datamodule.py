@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from clframe.data import device_resident as resident
 from clframe.data.augment import TransformSpec, build_pipeline
 from clframe.data.resize import check_resize, resize_source
-from clframe.data.samplers import EpochResumable, EpochShuffleSampler, PerTaskBatchSampler, TaskBatchSampler
+from clframe.data.samplers import EpochBatchSampler, EpochResumable, PerTaskBatchSampler, TaskBatchSampler
 from clframe.data.scenarios import (
     ScenarioError,
     check_unused_options,
@@ -261,7 +261,8 @@ class ContinualDataModule(L.LightningDataModule):
         In device-resident mode the tasks' device copies are served the same way."""
         workers = self.hparams.num_workers
         rank, world = self.shard()
-        sampler = TaskBatchSampler([len(d) for d in datasets], self.hparams.eval_batch_size, rank, world)
+        sampler = TaskBatchSampler([len(d) for d in datasets], self.hparams.eval_batch_size, rank, world,
+                                   as_lists=workers > 0)
         on_device = [self.device_copy(d, ("eval", id(d))) for d in datasets]
         if datasets and all(copy is not None for copy in on_device):
             return DataLoader(ConcatTaskDataset(on_device), batch_sampler=sampler, collate_fn=passthrough_collate,
@@ -321,13 +322,10 @@ class ContinualDataModule(L.LightningDataModule):
         if per_task:
             sampler = PerTaskBatchSampler(sizes, self.hparams.batch_size, self.seed, rank=rank, world_size=world)
             return ResumableDataLoader(dataset, batch_sampler=sampler, **common)
-        if on_device is not None:
-            sampler = resident.DeviceBatchSampler(len(dataset), self.hparams.batch_size, self.seed, on_device.device,
-                                                  rank=rank, world_size=world)
-            return ResumableDataLoader(dataset, batch_sampler=sampler, **common)
-        return ResumableDataLoader(dataset, batch_size=self.hparams.batch_size,
-                                   sampler=EpochShuffleSampler(len(dataset), self.seed, rank=rank, world_size=world),
-                                   **common)
+        device = on_device.device if on_device is not None else "cpu"
+        sampler = EpochBatchSampler(len(dataset), self.hparams.batch_size, self.seed, rank=rank, world_size=world,
+                                    device=device, as_lists=on_device is None and workers > 0)
+        return ResumableDataLoader(dataset, batch_sampler=sampler, **common)
 
     def _view_batch_loader(self, dataset: Dataset, rank: int, world: int, common: dict[str, Any],
                            per_task: bool = False) -> DataLoader:

@@ -2,10 +2,9 @@
 
 The small-image benchmarks (MNIST family, CIFAR-10, Tiny-ImageNet at 64 px) fit in GPU memory many times
 over. In this mode (``ContinualDataModule(device_resident=...)``) each served data set is copied to the
-device once, as uint8 images plus labels and task ids; an epoch's order is computed exactly as the normal
-path computes it (:class:`~clframe.data.samplers.EpochShuffleSampler`, a pure function of seed and epoch),
-moved to the device once per epoch, and every batch is a slice of it followed by one gather on the
-device. There is no worker process, no pinned copy and no host-to-device transfer per step; Lightning's
+device once, as uint8 images plus labels and task ids; an epoch's order is the normal path's
+(:class:`~clframe.data.samplers.EpochBatchSampler`, a pure function of seed and epoch), moved to the device
+once per epoch, and every batch is a slice of it followed by one gather on the device. There is no worker process, no pinned copy and no host-to-device transfer per step; Lightning's
 ``transfer_batch_to_device`` finds the tensors already on the device (``Tensor.to`` returns them as they
 are). Batches hold the same samples in the same order as the normal path's, so a run gives the same
 results either way (up to the device's arithmetic), and the loaders resume mid-epoch through the same
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from clframe.data.samplers import EpochResumable, EpochShuffleSampler, check_shard
+from clframe.data.samplers import check_shard
 from clframe.data.scenarios import ScenarioError
 from clframe.data.stream import Batch
 
@@ -121,35 +120,6 @@ class DeviceTaskData(Dataset):
     @property
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in (self.x, self.y, self.t))
-
-
-class DeviceBatchSampler(EpochResumable, Sampler[Tensor]):
-    """Batches of positions as slices of the epoch's order, kept on the device.
-
-    The order is :class:`EpochShuffleSampler`'s (same seed, epoch, rank and world size), cut into batches of
-    ``batch_size`` with a shorter last one, which is what a DataLoader with that sampler serves: the same
-    samples in the same batches. Positions (``resume_at``, ``start``) count batches.
-    """
-
-    def __init__(self, size: int, batch_size: int, seed: int, device: torch.device | str, rank: int = 0,
-                 world_size: int = 1) -> None:
-        check_shard(rank, world_size)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.order = EpochShuffleSampler(size, seed, rank=rank, world_size=world_size)
-        self.batch_size, self.device = int(batch_size), torch.device(device)
-        self.epoch, self.start = 0, 0
-        self.sampler = self  # Lightning calls ``batch_sampler.sampler.set_epoch`` at every epoch start
-
-    def __len__(self) -> int:
-        return -(-len(self.order) // self.batch_size)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        self.order.epoch = self.epoch
-        order = self.order.epoch_order().to(self.device)
-        start, self.start = self.start, 0
-        for b in range(start, len(self)):
-            yield order[b * self.batch_size: (b + 1) * self.batch_size]
 
 
 class DeviceSliceSampler(Sampler[Tensor]):

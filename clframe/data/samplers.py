@@ -121,6 +121,41 @@ class EpochShuffleSampler(EpochResumable, Sampler[int]):
         return iter(order[start:].tolist())
 
 
+class EpochBatchSampler(EpochResumable, Sampler[Tensor | list[int]]):
+    """The training batches of one epoch as slices of :class:`EpochShuffleSampler`'s order.
+
+    The same samples in the same batches as a DataLoader with that sampler and ``batch_size`` (the last
+    batch shorter), without building a list of ints per batch: each batch is an int64 tensor of positions
+    on ``device`` (the data set then gathers with one ``index_select``), or a list with ``as_lists`` (for
+    loaders with worker processes). Positions (``resume_at``, ``start``) count batches.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", as_lists: bool = False) -> None:
+        check_shard(rank, world_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.order = EpochShuffleSampler(size, seed, rank=rank, world_size=world_size)
+        self.batch_size, self.device, self.as_lists = int(batch_size), torch.device(device), as_lists
+        self.epoch, self.start = 0, 0
+        self.sampler = self  # Lightning calls ``batch_sampler.sampler.set_epoch`` at every epoch start
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def epoch_order(self) -> Tensor:
+        """This rank's whole order for the current epoch (:meth:`EpochShuffleSampler.epoch_order`)."""
+        self.order.epoch = self.epoch
+        return self.order.epoch_order()
+
+    def __iter__(self) -> Iterator[Tensor | list[int]]:
+        order = self.epoch_order().to(self.device)
+        start, self.start = self.start, 0
+        rest = order[start * self.batch_size:]
+        for batch in rest.split(self.batch_size) if len(rest) else ():  # split() gives [] one part
+            yield batch.tolist() if self.as_lists else batch
+
+
 class ShardSampler(Sampler[int]):
     """Every ``world_size``-th index from ``rank`` on, in order and without padding (evaluation under DDP).
 
@@ -149,14 +184,17 @@ class TaskBatchSampler(Sampler[list[int]]):
     ``batch_size`` batches, so the batches are exactly those of one loader per task, one after the other.
     One loader means one evaluation loop whatever the number of tasks; single-task batches keep every
     strategy that picks something per batch (a mask, a prompt, an inferred task) seeing one task per batch.
+    Batches are int64 tensors of positions (one gather each, no list to convert), or lists with
+    ``as_lists`` (for loaders with worker processes, where a list is cheaper to send than a tensor).
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, lengths: Sequence[int], batch_size: int, rank: int = 0, world_size: int = 1,
+                 as_lists: bool = False) -> None:
         check_shard(rank, world_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.lengths, self.batch_size = [int(n) for n in lengths], int(batch_size)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.as_lists = rank, world_size, as_lists
 
     def task_indices(self) -> list[list[int]]:
         """This rank's positions within each task's own data set, in order."""
@@ -165,9 +203,10 @@ class TaskBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return sum(-(-len(ShardSampler(n, self.rank, self.world_size)) // self.batch_size) for n in self.lengths)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[Tensor | list[int]]:
         offset = 0
-        for n, share in zip(self.lengths, self.task_indices(), strict=True):
-            for lo in range(0, len(share), self.batch_size):
-                yield [offset + i for i in share[lo:lo + self.batch_size]]
+        for n in self.lengths:
+            share = torch.arange(self.rank, max(n, self.rank), self.world_size) + offset  # ShardSampler's positions
+            for batch in share.split(self.batch_size) if len(share) else ():  # split() gives [] one part
+                yield batch.tolist() if self.as_lists else batch
             offset += n

@@ -53,18 +53,19 @@ class TaskDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitems__(self, positions: Sequence[int]) -> Batch:
-        idx = self.indices[torch.as_tensor(positions, dtype=torch.long)]
-        x = self.inputs[idx]
+    def __getitems__(self, positions: Sequence[int] | Tensor) -> Batch:
+        # index_select, not x[idx]: the same rows, an order of magnitude faster for a batch of images
+        idx = self.indices.index_select(0, torch.as_tensor(positions, dtype=torch.long))
+        x = self.inputs.index_select(0, idx)
         if self.input_transform is not None:
             x = self.input_transform(x)
         if self.sample_transform is not None:
             x = torch.stack([self.sample_transform(xi) for xi in x])
-        y = self.labels[idx]
+        y = self.labels.index_select(0, idx)
         return x, y, torch.full_like(y, self.task_id)
 
     def __getitem__(self, position: int) -> Batch:
-        x, y, t = self.__getitems__([position])
+        x, y, t = self.__getitems__([range(len(self))[position]])  # a negative position counts from the end
         return x[0], y[0], t[0]
 
     @property
