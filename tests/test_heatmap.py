@@ -83,5 +83,5 @@ def test_writing_a_confusion_matrix_does_not_import_matplotlib(tmp_path: Path) -
         "assert 'matplotlib' not in sys.modules, 'matplotlib was imported'\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path, timeout=60)
     assert (tmp_path / "c.png").is_file() and (tmp_path / "a.png").is_file()

@@ -23,7 +23,8 @@ Colormap = Literal["blues", "viridis"]
 # Anchor colours, evenly spaced from the low to the high end; values in between are interpolated linearly.
 # "blues": the nine-class ColorBrewer Blues scheme. "viridis": the viridis map sampled at 0, 0.1, ..., 1.
 _ANCHORS: dict[str, tuple[str, ...]] = {
-    "blues": ("#f7fbff", "#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b"),
+    "blues": ("#f7fbff", "#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c",
+              "#08306b"),
     "viridis": ("#440154", "#482475", "#414487", "#355f8d", "#2a788e", "#21918c", "#22a884", "#44bf70",
                 "#7ad151", "#bddf26", "#fde725"),
 }
@@ -108,14 +109,14 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def write_heatmap(values: np.ndarray, path: str | Path, *, title: str = "", xlabel: str = "", ylabel: str = "",
-                  cell_text: Sequence[Sequence[str]] | None = None, colormap: Colormap = "blues",
-                  vmin: float = 0.0, vmax: float = 1.0, colorbar_label: str = "") -> Path:
+def write_heatmap(values: np.ndarray, path: str | Path, *, title: str = "", xlabel: str = "",
+                  ylabel: str = "", cell_text: Sequence[Sequence[str]] | None = None,
+                  colormap: Colormap = "blues", vmin: float = 0.0, vmax: float = 1.0, colorbar_label: str = "") -> Path:
     """Write `values` (rows x cols, NaN = blank cell) as a PNG heatmap with a colour bar; returns the path.
 
     `cell_text` (same shape, "" for none) is printed in each cell in black or white by the cell's
-    brightness (never in a NaN cell, nor where it does not fit); pass None for large grids. The file is written under a temporary name in the same folder
-    and then renamed, so a reader never sees half a PNG.
+    brightness (never in a NaN cell, nor where it does not fit); pass None for large grids. The file is
+    written under a temporary name in the same folder and then renamed, so a reader never sees half a PNG.
     """
     v = np.asarray(values, float)
     if v.ndim != 2 or 0 in v.shape:
@@ -134,9 +135,7 @@ def write_heatmap(values: np.ndarray, path: str | Path, *, title: str = "", xlab
     title_font, label_font, tick_font = _font(14), _font(12), _font(11)
     cell_font = _font(11 if min(cw, ch) >= 30 else max(7, int(min(cw, ch) * 0.38)))
 
-    row_labels = [str(i) for i in range(rows)]
-    col_labels = [str(j) for j in range(cols)]
-    tick_w = max(_text_size(tick_font, s)[0] for s in row_labels + col_labels)
+    tick_w = _text_size(tick_font, "8" * len(str(longest - 1)))[0]  # the widest index label, near enough
     tick_h = _text_size(tick_font, "0123456789")[1]
     bar_values = _bar_ticks(vmin, vmax, gh, tick_h)
     bar_w = max(_text_size(tick_font, _fmt(b))[0] for b in bar_values)
@@ -151,7 +150,8 @@ def write_heatmap(values: np.ndarray, path: str | Path, *, title: str = "", xlab
     right_edge = bar_x + _BAR_W + _TICK + 3 + bar_w + (8 + bar_mask.width if bar_mask else 0) + _PAD
     bottom_edge = top + gh + _TICK + 3 + tick_h + (8 + xlabel_h if xlabel else 0) + _PAD
     width = max(right_edge, (_text_size(title_font, title)[0] if title else 0) + 2 * _PAD)
-    height = max(bottom_edge, top + (ylabel_mask.height if ylabel_mask else 0) + _PAD)
+    tallest_label = max(m.height if m else 0 for m in (ylabel_mask, bar_mask))
+    height = max(bottom_edge, top + tallest_label + _PAD)  # a vertical label may outgrow a short grid
 
     image = Image.new("RGB", (width, height), _WHITE)
     draw = ImageDraw.Draw(image)
@@ -172,12 +172,12 @@ def write_heatmap(values: np.ndarray, path: str | Path, *, title: str = "", xlab
     for j in range(0, cols, _tick_step(cols, cw, tick_w + 6)):
         x = left + (j + 0.5) * cw
         draw.line((x, top + gh, x, top + gh + _TICK), fill=_FRAME)
-        _draw_centred(draw, (x, top + gh + _TICK + 3 + tick_h / 2), col_labels[j], tick_font, _BLACK)
+        _draw_centred(draw, (x, top + gh + _TICK + 3 + tick_h / 2), str(j), tick_font, _BLACK)
     for i in range(0, rows, _tick_step(rows, ch, tick_h + 8)):
         y = top + (i + 0.5) * ch
         draw.line((left - 1 - _TICK, y, left - 1, y), fill=_FRAME)
-        tw = _text_size(tick_font, row_labels[i])[0]
-        _draw_centred(draw, (left - _TICK - 4 - tw / 2, y), row_labels[i], tick_font, _BLACK)
+        tw = _text_size(tick_font, str(i))[0]
+        _draw_centred(draw, (left - _TICK - 4 - tw / 2, y), str(i), tick_font, _BLACK)
 
     # colour bar: one column of values from vmax (top) to vmin (bottom), stretched sideways
     ramp = colorize(np.linspace(vmax, vmin, gh)[:, None], colormap, vmin, vmax)
@@ -190,7 +190,8 @@ def write_heatmap(values: np.ndarray, path: str | Path, *, title: str = "", xlab
         tw = _text_size(tick_font, text)[0]
         _draw_centred(draw, (bar_x + _BAR_W + _TICK + 3 + tw / 2, y), text, tick_font, _BLACK)
     if bar_mask is not None:
-        image.paste(_BLACK, (bar_x + _BAR_W + _TICK + 3 + bar_w + 8, top + (gh - bar_mask.height) // 2), bar_mask)
+        x = bar_x + _BAR_W + _TICK + 3 + bar_w + 8
+        image.paste(_BLACK, (x, top + max(0, (gh - bar_mask.height) // 2)), bar_mask)
 
     if title:  # centred over the grid, shifted only as far as needed to stay inside the image
         half = _text_size(title_font, title)[0] / 2
