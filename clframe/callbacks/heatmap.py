@@ -111,7 +111,8 @@ def _fmt(v: float) -> str:
 
 def write_heatmap(values: np.ndarray, path: str | Path, *, title: str = "", xlabel: str = "",
                   ylabel: str = "", cell_text: Sequence[Sequence[str]] | None = None,
-                  colormap: Colormap = "blues", vmin: float = 0.0, vmax: float = 1.0, colorbar_label: str = "") -> Path:
+                  colormap: Colormap = "blues", vmin: float = 0.0, vmax: float = 1.0,
+                  colorbar_label: str = "") -> Path:
     """Write `values` (rows x cols, NaN = blank cell) as a PNG heatmap with a colour bar; returns the path.
 
     `cell_text` (same shape, "" for none) is printed in each cell in black or white by the cell's
