@@ -1,4 +1,8 @@
-"""Plots of continual-learning results, written as PNG files (matplotlib, headless)."""
+"""Plots of continual-learning results, written as PNG files.
+
+The heatmaps (accuracy matrix, confusion matrix) are drawn with Pillow (`clframe.callbacks.heatmap`):
+every run writes a confusion matrix, and matplotlib would cost it the better part of a second. Only the
+accuracy-curve plot uses matplotlib (headless), imported when that plot is drawn."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from clframe.callbacks.heatmap import write_heatmap
 
 
 def _pyplot():
@@ -62,45 +68,23 @@ def plot_accuracy_curves(steps: Sequence[float], acc: np.ndarray, task_ends: Seq
 def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], path: str | Path,
                          title: str = "Accuracy matrix R[i][j] (%)") -> Path:
     """Heatmap of the accuracy matrix with the value in each cell (blank where not evaluated)."""
-    plt = _pyplot()
     r = 100 * np.asarray(matrix, float)
     n_rows, n_cols = r.shape
-    size = max(4.0, 0.6 * n_cols + 2)
-    fig, ax = plt.subplots(figsize=(size, size * n_rows / n_cols + 0.5), dpi=120)
-    im = ax.imshow(np.ma.masked_invalid(r), cmap="viridis", vmin=0, vmax=100)
+    texts = None
     if n_cols <= 25:
-        for i in range(n_rows):
-            for j in range(n_cols):
-                if not np.isnan(r[i, j]):
-                    ax.text(j, i, f"{r[i, j]:.0f}", ha="center", va="center", fontsize=8,
-                            color="white" if r[i, j] < 60 else "black")
-    ax.set_xticks(range(n_cols))
-    ax.set_yticks(range(n_rows))
-    ax.set_xlabel("evaluated task j")
-    ax.set_ylabel("after training task i")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return _save(plt, fig, path)
+        texts = [["" if np.isnan(x) else f"{x:.0f}" for x in row] for row in r]
+    return write_heatmap(r, path, title=title, xlabel="evaluated task j", ylabel="after training task i",
+                         cell_text=texts, colormap="viridis", vmin=0, vmax=100)
 
 
 def plot_confusion_matrix(confusion: np.ndarray, path: str | Path, title: str = "Test confusion matrix") -> Path:
     """Row-normalised confusion matrix (true class in rows, predicted in columns), counts where few classes."""
-    plt = _pyplot()
     counts = np.asarray(confusion, float)
     rows = counts.sum(1, keepdims=True)
     share = np.divide(counts, rows, out=np.full_like(counts, np.nan), where=rows > 0)
-    n = len(counts)
-    size = min(12.0, max(4.0, 0.35 * n + 2))
-    fig, ax = plt.subplots(figsize=(size, size), dpi=120)
-    im = ax.imshow(np.ma.masked_invalid(100 * share), cmap="Blues", vmin=0, vmax=100)
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                if counts[i, j]:
-                    ax.text(j, i, f"{counts[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if share[i, j] > 0.6 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
-    return _save(plt, fig, path)
+    texts = None
+    if len(counts) <= 20:
+        texts = [[f"{c:.0f}" if c else "" for c in row] for row in counts]
+    return write_heatmap(100 * share, path, title=title, xlabel="predicted class", ylabel="true class",
+                         cell_text=texts, colormap="blues", vmin=0, vmax=100,
+                         colorbar_label="% of the true class")
