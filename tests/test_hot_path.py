@@ -49,6 +49,69 @@ def test_overridden_hooks_run_and_no_shadow_is_left_behind(tmp_path):
     assert callable(model.on_train_batch_start) and callable(counts.on_before_backward)
 
 
+class _TransferringER(ER):
+    """Overrides the three batch-transfer hooks: each must still be called, every batch."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calls = {"before": 0, "transfer": 0, "after": 0}
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.calls["before"] += 1
+        return batch
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        self.calls["transfer"] += 1
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        self.calls["after"] += 1
+        return batch
+
+
+class _NoBatchIdxER(ER):
+    """A ``training_step`` without ``batch_idx``: Lightning passes the batch alone, and so must the shortcut."""
+
+    def training_step(self, batch):  # type: ignore[override]
+        return super().training_step(batch, 0)
+
+
+class _DataHookModule(ContinualDataModule):
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        self.after = getattr(self, "after", 0) + 1
+        return batch
+
+
+LEAN_DISPATCH = ("_build_kwargs", "_on_before_batch_transfer", "_apply_batch_transfer_handler")
+
+
+def _no_lean_dispatch_left(trainer, model) -> bool:
+    return not any(name in vars(obj) for obj in (model, trainer.fit_loop.epoch_loop) for name in LEAN_DISPATCH)
+
+
+def test_overridden_batch_transfer_hooks_run_every_batch(tmp_path):
+    trainer = ContinualTrainer(steps_per_task=4, default_root_dir=tmp_path, logger=False, **QUIET_TRAINER)
+    model = _TransferringER(buffer_size=20)
+    trainer.fit(model, datamodule=_dm())
+    # 12 training batches, plus the evaluation batches (each seen task's test set after each task)
+    assert model.calls["before"] == model.calls["transfer"] == model.calls["after"] > 12
+    assert _no_lean_dispatch_left(trainer, model)
+
+
+def test_a_data_module_hook_and_a_step_without_batch_idx_are_honoured(tmp_path):
+    dm = ContinualDataModule(n_tasks=3, class_order=list(range(6)), batch_size=16)
+    hooked = _DataHookModule(n_tasks=3, class_order=list(range(6)), batch_size=16)
+    rows = []
+    for datamodule in (dm, hooked):
+        torch.manual_seed(0)
+        trainer = ContinualTrainer(steps_per_task=3, default_root_dir=tmp_path, logger=False, **QUIET_TRAINER)
+        model = _NoBatchIdxER(buffer_size=20)
+        trainer.fit(model, datamodule=datamodule)
+        rows.append(trainer.accuracy_matrix)
+        assert _no_lean_dispatch_left(trainer, model)
+    assert hooked.after > 9 and repr(rows[0]) == repr(rows[1])  # repr: NaN (not yet seen) equals NaN
+
+
 def test_default_profiler_is_a_pass_through_and_a_given_one_is_kept(tmp_path):
     assert isinstance(ContinualTrainer(logger=False, **QUIET_TRAINER).profiler, PassThrough)
     given = ContinualTrainer(logger=False, profiler=SimpleProfiler(), **QUIET_TRAINER).profiler
