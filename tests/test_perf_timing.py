@@ -3,7 +3,9 @@ naming scripts and harness subcommands that exist."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,3 +62,16 @@ def test_documented_timing_commands_exist() -> None:
             assert script not in REPLACED and (ROOT / script).is_file(), f"{doc.name} names {script}"
         for sub in re.findall(r"benchmarks/perf\.py ([\w-]+)", text):
             assert sub in subcommands, f"{doc.name} names perf.py {sub}"
+
+
+def test_perf_imports_every_subcommand_module_and_reexports_the_experiment() -> None:
+    """perf.py is a dispatcher over ``perf_<subcommand>.py``: importing it imports every subcommand's module, and
+    the overhead experiment's pieces stay reachable as ``perf.<name>`` (scripts use ``perf.run_clframe`` etc.)."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import perf; "
+            "print(sorted(perf.parser()._subparsers._group_actions[0].choices)); "
+            "print(all(callable(getattr(perf, n)) for n in perf.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split("\n")
+    assert out[0] == str(sorted(["overhead", "continual-eval", "buffer", "ewc-fisher", "startup", "prompt-cost",
+                                 "data-cache"]))
+    assert out[1] == "True"
