@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from perf_bare_lightning import run_bare_lightning
 from perf_experiment import (
     Experiment,
     avalanche_benchmark,
@@ -43,8 +44,8 @@ OVERHEAD_DOC = """Overhead of clframe against a plain PyTorch loop and against A
     CLFRAME_DATA=/path/to/data python benchmarks/perf.py overhead --profile             # + cProfile of one clframe run
     CLFRAME_DATA=/path/to/data python benchmarks/perf.py overhead --benchmark pmnist    # per-task cost: 5, 10, 20 tasks
 
-One experiment, run three ways in one process, repeats interleaved (one warm-up round discarded;
-the order alternates plain, clframe, Avalanche / Avalanche, clframe, plain, so slow drifts of a
+One experiment, run four ways in one process, repeats interleaved (one warm-up round discarded;
+the order alternates plain, bare Lightning, clframe, Avalanche and back, so slow drifts of a
 shared machine's load hit every side alike); medians and quartiles of the wall time of each whole
 run are reported, plus the final average accuracy of each side. Every run's CPU time (``time.process_time``)
 is recorded beside its wall time: with one thread it is what the run itself cost, so its ratios stay
@@ -52,7 +53,7 @@ meaningful on a machine that other jobs keep busy, where wall times swing by ten
 
 The experiment: ER, class-incremental, 5 tasks of 2 classes (natural order), batch 128 new + 128
 replayed, replay memory of 500 samples, 1 epoch per task, plain SGD (lr ``--lr``), unmasked 10-way
-head, identical initial weights on all three sides, and after every task a test of every seen task
+head, identical initial weights on every side, and after every task a test of every seen task
 on its whole test set (batch 256). ``mnist``: MLP 784-400-400-10 on real MNIST (inputs scaled to
 [0, 1]). ``cifar10``: a 3-conv CNN on the CIFAR-10 JPEG copy, ``--cifar-per-class`` training
 images per class (so 1 epoch is a small number of steps), inputs normalised per channel.
@@ -65,9 +66,13 @@ r, so the accuracies' spread over the rounds shows the seed noise.
   scatter to keep the last write of a slot), ``torch.inference_mode`` evaluation. It reproduces
   clframe's computation exactly (same epoch orders, same buffer draws), so its accuracies must
   equal clframe's up to floating-point summation order: that checks both sides do the same work.
+* bare Lightning: the plain loop as a minimal Lightning program (a ``LightningModule`` with the plain
+  loop's network and buffer, a ``Trainer`` per task, ``trainer.test`` on one loader per seen task;
+  ``perf_bare_lightning.py``): the same computation, so the same accuracies; what it adds over the
+  plain loop is Lightning's own loops, the floor of any Lightning-native library.
 * clframe: ``ContinualTrainer`` + ``ER`` as a user runs it: progress bar and checkpointing off,
   the default logger (a ``CSVLogger``, Lightning's ``log_every_n_steps=50``), Lightning's other
-  defaults (model summary on), ``mask_unseen_classes=False`` (the other two sides do not mask).
+  defaults (model summary on), ``mask_unseen_classes=False`` (the other sides do not mask).
 * Avalanche: ``Naive`` + ``ReplayPlugin(mem_size=500, batch_size=128, batch_size_mem=128)`` and an
   ``EvaluationPlugin`` with experience accuracy only and no loggers. Its semantics differ where the
   library gives no choice: the memory (``ExperienceBalancedBuffer``) is filled at the end of each
@@ -89,7 +94,8 @@ trainer or strategy and runs the whole stream. ``--threads`` torch threads (defa
 Writes ``benchmarks/results/overhead_<benchmark>.json`` and ``.md``.
 """
 
-SIDES = ("plain", "clframe", "avalanche")
+SIDES = ("plain", "lightning", "clframe", "avalanche")
+SIDE_NAMES = {"plain": "plain PyTorch", "lightning": "bare Lightning", "clframe": "clframe", "avalanche": "Avalanche 0.6"}
 _THREADS = os.environ.get("OMP_NUM_THREADS")  # OpenMP/MKL threads: set by perf.py before torch was imported
 
 
@@ -102,7 +108,7 @@ def final_avg(rows: list[list[float]]) -> float:
 
 def measure(exp: Experiment, repeats: int, warmup: int, raw_file: Path) -> dict[str, Any]:
     bm = avalanche_benchmark(exp)
-    fns: dict[str, Callable[..., dict]] = {"plain": run_plain, "clframe": run_clframe,
+    fns: dict[str, Callable[..., dict]] = {"plain": run_plain, "lightning": run_bare_lightning, "clframe": run_clframe,
                                            "avalanche": lambda e, root, seed: run_avalanche(e, root, seed, bm)}
     runs: dict[str, list[dict]] = {k: [] for k in SIDES}
     for r, side in alternating(list(SIDES), warmup + repeats):
@@ -129,7 +135,8 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, Any]:
                          "min_max_s": {k: (min(v), max(v)) for k, v in walls.items()}}
     cpus = {k: [r["cpu_s"] for r in v] for k, v in runs.items()}
     s["median_cpu_s"] = {k: median(v) for k, v in cpus.items()}
-    for a, b in (("clframe", "plain"), ("clframe", "avalanche"), ("avalanche", "plain")):
+    for a, b in (("clframe", "plain"), ("clframe", "avalanche"), ("avalanche", "plain"), ("lightning", "plain"),
+                 ("clframe", "lightning")):
         if a not in runs or b not in runs:
             continue
         s[f"ratio_{a}_over_{b}"], s[f"cpu_ratio_{a}_over_{b}"] = ratio(walls[a], walls[b]), ratio(cpus[a], cpus[b])
@@ -138,6 +145,10 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, Any]:
     s["max_abs_diff_plain_vs_clframe_matrix"] = max(  # same round, same seed: the same computation
         abs(a - b) for p, c in zip(runs["plain"], runs["clframe"], strict=True)
         for rp, rc in zip(p["accuracy_matrix"], c["accuracy_matrix"], strict=True) for a, b in zip(rp, rc, strict=False))  # rc: NaN-padded
+    if "lightning" in runs:  # the bare-Lightning side repeats the plain loop's computation too
+        s["max_abs_diff_plain_vs_lightning_matrix"] = max(
+            abs(a - b) for p, c in zip(runs["plain"], runs["lightning"], strict=True)
+            for rp, rc in zip(p["accuracy_matrix"], c["accuracy_matrix"], strict=True) for a, b in zip(rp, rc, strict=True))
     s["steps"] = {k: v[0]["steps"] for k, v in runs.items()}
     s["samples"] = {k: v[0]["samples"] for k, v in runs.items()}
     s["per_step_overhead_ms_clframe_minus_plain"] = 1e3 * (s["median_s"]["clframe"] - s["median_s"]["plain"]) / \
@@ -383,8 +394,8 @@ def write_report(exp: Experiment, s: dict, mach: dict, command: str, args: argpa
       "seen tasks after every task (whole test sets, batch 256). clframe loggers: "
       f"{', '.join(s['runs']['clframe'][0]['loggers'])} (log_every_n_steps="
       f"{s['runs']['clframe'][0]['log_every_n_steps']}), progress bar and checkpointing off.\n")
-    w("| | plain PyTorch | clframe | Avalanche 0.6 |")
-    w("|---|---|---|---|")
+    w("| | " + " | ".join(SIDE_NAMES[k] for k in SIDES) + " |")
+    w("|---|" + "---|" * len(SIDES))
     med, q, mm = s["median_s"], s["quartiles_s"], s["min_max_s"]
     w("| wall time per run, median (s) | " + " | ".join(f"**{med[k]:.2f}**" for k in SIDES) + " |")
     w("| quartiles (s) | " + " | ".join(f"{q[k][0]:.2f} - {q[k][1]:.2f}" for k in SIDES) + " |")
@@ -402,14 +413,17 @@ def write_report(exp: Experiment, s: dict, mach: dict, command: str, args: argpa
     for label, r in (("clframe / plain", cp), ("clframe / Avalanche", ca), ("Avalanche / plain", s["ratio_avalanche_over_plain"]),
                      ("clframe / plain, CPU time", s["cpu_ratio_clframe_over_plain"]),
                      ("clframe / Avalanche, CPU time", s["cpu_ratio_clframe_over_avalanche"]),
-                     ("Avalanche / plain, CPU time", s["cpu_ratio_avalanche_over_plain"])):
+                     ("Avalanche / plain, CPU time", s["cpu_ratio_avalanche_over_plain"]),
+                     ("bare Lightning / plain, CPU time", s["cpu_ratio_lightning_over_plain"]),
+                     ("clframe / bare Lightning, CPU time", s["cpu_ratio_clframe_over_lightning"])):
         w(f"| {label} | **{r['of_medians']:.3f}** | {r['paired_median']:.3f} | "
           f"{r['paired_min_max'][0]:.3f} - {r['paired_min_max'][1]:.3f} |")
     w("")
     w(f"clframe minus plain, per training step: {s['per_step_overhead_ms_clframe_minus_plain']:.2f} ms "
       f"(plain: {1e3 * med['plain'] / s['steps']['plain']:.2f} ms per step, evaluation included). "
       f"Accuracy matrices of plain and clframe differ by at most {s['max_abs_diff_plain_vs_clframe_matrix']:.2e} "
-      "(same computation; floating-point summation order only).")
+      "(same computation; floating-point summation order only); those of plain and bare Lightning by at most "
+      f"{s['max_abs_diff_plain_vs_lightning_matrix']:.2e}.")
     if "breakdown" in s:
         b = s["breakdown"]
         w(f"\nWhere a clframe run's time goes, per training step ({b['steps']} steps; stopwatches around the "

@@ -75,3 +75,16 @@ def test_perf_imports_every_subcommand_module_and_reexports_the_experiment() -> 
     assert out[0] == str(sorted(["overhead", "continual-eval", "buffer", "ewc-fisher", "startup", "prompt-cost",
                                  "data-cache"]))
     assert out[1] == "True"
+
+
+def test_the_overhead_sides_do_the_same_computation(tmp_path: Path) -> None:
+    """The plain loop, the bare-Lightning program and clframe give one accuracy matrix on a tiny stream: the
+    overhead benchmark compares the same work done three ways."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import perf, perf_bare_lightning as b; "
+            "exp = perf.build_pmnist(2, 0.1, 4, 3); "
+            f"rows = [f(exp, {str(tmp_path)!r}, 1)['accuracy_matrix'] for f in (perf.run_plain, b.run_bare_lightning, "
+            "perf.run_clframe)]; "
+            "print(max(abs(a - c) for m in rows[1:] for r0, r in zip(rows[0], m) for a, c in zip(r0, r)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.strip().split("\n")
+    assert float(out[-1]) < 1e-6
