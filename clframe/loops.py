@@ -11,6 +11,11 @@ after it. A stream of tasks with different numbers of batches per epoch lost mos
 :class:`ExactResumeFitLoop` finishes such a restored batch the way the uninterrupted run did, through
 Lightning's own loop methods (and likewise a checkpoint written in ``on_train_epoch_end``), and clears
 every restore flag when a fit ends, so each task's fit starts from the state an uninterrupted run has there.
+
+It also narrows Lightning's "modules in eval mode at the start of training" warning to the modules that are
+in eval mode by accident: a strategy keeps some in eval mode on purpose (LwF's and iCaRL's frozen teacher, a
+frozen ViT, frozen batch-norm statistics), and warning about those at every task would only teach users to
+ignore the warning.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import torch
 from lightning.pytorch.loops import _FitLoop
 from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.loops.utilities import _is_max_limit_reached
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import _ModuleMode
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 
 class ExactResumeFitLoop(_FitLoop):
@@ -108,3 +116,26 @@ class ExactResumeFitLoop(_FitLoop):
     def run(self) -> None:
         super().run()
         self.clear_restore_state()  # a restored fit that had nothing left to run leaves no flags behind
+
+    def _warn_if_modules_in_eval_mode(self) -> None:
+        """Lightning's warning about modules in eval mode when training starts, for the modules that the
+        strategy's own ``train()`` would switch to training mode (the others it keeps in eval mode on purpose)."""
+        model = self.trainer.lightning_module
+        in_eval = {name for name, module in model.named_modules() if not module.training}
+        if not in_eval:
+            return
+        modes = _ModuleMode()
+        modes.capture(model)
+        try:
+            model.train()
+            on_purpose = {name for name, module in model.named_modules() if not module.training}
+        finally:
+            modes.restore(model)
+        unexpected = sorted(in_eval - on_purpose)
+        if unexpected:
+            rank_zero_warn(
+                f"Found {len(unexpected)} module(s) in eval mode at the start of training ({', '.join(unexpected[:5])}"
+                f"{', ...' if len(unexpected) > 5 else ''}). This may lead to unexpected behavior during training. If "
+                "this is intentional, you can ignore this warning.",
+                category=PossibleUserWarning,
+            )
