@@ -36,8 +36,10 @@ def prepare_backbone(backbone: nn.Module, memory_format: MemoryFormat = "contigu
         backbone.compile()
 
 
-def to_float(x: Tensor, memory_format: MemoryFormat) -> Tensor:
-    """A fresh float32 copy of an input batch, 4-D batches in the backbone's layout (one copy for both)."""
+def to_float(x: Tensor, memory_format: MemoryFormat, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A fresh floating-point copy of an input batch in ``dtype`` (the model's: float32, or float64 / bfloat16 when
+    Lightning's ``64-true`` / ``bf16-true`` precision converted the weights), 4-D batches in the backbone's layout
+    (one copy for both)."""
     if memory_format == "channels_last" and x.dim() == 4:
-        return x.to(dtype=torch.float32, memory_format=torch.channels_last)
-    return x.float()
+        return x.to(dtype=dtype, memory_format=torch.channels_last)
+    return x.to(dtype)

@@ -234,7 +234,7 @@ class ContinualModule(L.LightningModule):
         if self._eval_pipeline is not None and not self.training and not x.is_floating_point() and x.dim() == 4:
             x = self._eval_pipeline(x)
         if not x.is_floating_point():  # a fresh tensor: normalise it in place
-            x = to_float(x, self._memory_format).div_(255.0)
+            x = to_float(x, self._memory_format, self.dtype).div_(255.0)
             return x.sub_(self.input_mean).div_(self.input_std) if x.dim() == 4 and self._normalize_inputs else x
         if x.dim() == 4 and self._normalize_inputs:
             x = (x - self.input_mean) / self.input_std

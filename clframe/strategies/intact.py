@@ -186,6 +186,14 @@ class InTAct(nn.Module):
             self._hooks.append(linear.register_forward_pre_hook(self._observer(i)))
         self._hooks.append(module.backbone.register_forward_pre_hook(self._input_observer))
 
+    def train(self, mode: bool = True) -> InTAct:
+        """The frozen copy of the network stays in eval mode (no dropout, fixed batch-norm statistics) whatever
+        mode its owner switches to."""
+        super().train(mode)
+        if self.old_network is not None:
+            self.old_network.eval()
+        return self
+
     def _observer(self, i: int):
         def hook(_: nn.Module, args: tuple[Tensor, ...]) -> None:
             self.intervals[i].observe(args[0])

@@ -260,7 +260,7 @@ class PromptModule(ContinualModule):
         seed = int(self.trainer.datamodule.seed if getattr(self.trainer, "datamodule", None) is not None else 0)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + task.id * 1009 + epoch)
         n_classes = int(self.current_classes().sum())
-        outliers = synthesize_outliers(feats, n_classes, cfg, gen)
+        outliers = synthesize_outliers(feats, n_classes, cfg, gen).to(feats.dtype)  # drawn in float32; the head's dtype
         self._vor_outliers = outliers[torch.randperm(len(outliers), generator=gen).to(outliers.device)]
         batches = self.trainer.num_training_batches
         batches = int(batches) if math.isfinite(batches) and batches > 0 else 1
