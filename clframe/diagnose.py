@@ -143,6 +143,18 @@ def _raised_in(err: BaseException, folder: str) -> bool:
     return False
 
 
+def _raised_directly_in(err: BaseException, file: str, function: str) -> bool:
+    """Whether ``err`` was raised by a ``raise`` in ``function`` of the file ``file`` (a path fragment) itself, not
+    in something that function called."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    code = tb.tb_frame.f_code
+    return file in code.co_filename.replace("\\", "/") and code.co_name == function
+
+
 def _out_of_memory(err: BaseException) -> str | None:
     """The accelerator's or the machine's memory ran out: the run is too big for it, not broken."""
     import torch
@@ -196,14 +208,20 @@ def _lightning_config(err: BaseException) -> str | None:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
     except ImportError:  # pragma: no cover - Lightning is a dependency
         return None
-    if not isinstance(err, MisconfigurationException) and not (
-            isinstance(err, (ValueError, TypeError)) and _raised_in(err, "lightning/pytorch/trainer/connectors/")):
+    refused = isinstance(err, (ValueError, TypeError)) and (
+        _raised_in(err, "lightning/pytorch/trainer/connectors/")
+        or _raised_directly_in(err, "lightning/pytorch/trainer/trainer.py", "__init__"))  # e.g. barebones conflicts
+    if not isinstance(err, MisconfigurationException) and not refused:
         return None
     text = str(err).strip()
     lower = text.lower()
     if "gpu" in lower or "cuda" in lower or "mps" in lower or "tpu" in lower:
         hint = ("this machine has no such accelerator visible to PyTorch; use --trainer.accelerator=cpu (or auto, "
                 "which picks what exists), or run on a machine with one")
+    elif "barebones" in lower:
+        hint = ("barebones mode turns off logging, checkpointing, the progress bar and the model summary, so it refuses "
+                "options that ask for them (a config file may set them): unset the option named, e.g. "
+                "--trainer.log_every_n_steps=null or --trainer.enable_checkpointing=null, or drop --trainer.barebones")
     elif "devices" in lower or "num_nodes" in lower:
         hint = ("--trainer.devices takes a positive number of devices, a list of device ids (e.g. [0, 1]), -1 for all, "
                 "or auto; --trainer.num_nodes a positive number of machines")

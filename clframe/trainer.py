@@ -243,14 +243,16 @@ class ContinualTrainer(L.Trainer):
             raise ConfigError("set steps_per_task or max_steps, not both (ContinualTrainer manages max_steps)")
         check_optimisation_options(kwargs)
         kwargs.pop("max_epochs", None)
-        if kwargs.get("logger") in (None, True):
+        barebones = bool(kwargs.get("barebones"))  # Lightning's minimal mode: no logger, no progress bar
+        if kwargs.get("logger") in (None, True) and not barebones:
             kwargs["logger"] = CSVLogger(kwargs.get("default_root_dir") or os.getcwd(), name="lightning_logs")
-        if kwargs.get("profiler") is None and not kwargs.get("barebones"):
+        if kwargs.get("profiler") is None and not barebones:
             kwargs["profiler"] = PassThrough()  # Lightning's default, without a context object per hook call
         self.progress = StreamProgress()
         callbacks = kwargs.get("callbacks") or []
         callbacks = [*(callbacks if isinstance(callbacks, list) else [callbacks]), self.progress, RunFolder(), QuietRepeats()]
-        if kwargs.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+        if kwargs.get("enable_progress_bar") is not False and not barebones and \
+                not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(default_task_progress_bar())  # Lightning's bar, showing "Task k/N · epoch e/E"
         kwargs["callbacks"] = callbacks
         kwargs.update(checkpoint_kwargs(kwargs, trust_checkpoints))  # atomic sealed saves, safe loads, SIGTERM

@@ -197,3 +197,11 @@ def test_a_wandb_run_has_its_own_folder_and_a_resume_continues_it(tmp_path, monk
     assert folder.parent == tmp_path / "p" and (folder / "results.json").is_file()
     assert resumed.log_dir == str(folder)  # the same wandb run id, the same folder
     assert [p.name for p in (tmp_path / "p").iterdir()] == [folder.name]
+
+
+def test_barebones_mode_runs_a_stream(tmp_path):
+    """Lightning's ``barebones=True`` refuses a logger and a progress bar: ContinualTrainer adds neither then."""
+    trainer = ContinualTrainer(barebones=True, steps_per_task=2, default_root_dir=tmp_path, accelerator="cpu")
+    assert trainer.loggers == [] and trainer.progress_bar_callback is None
+    trainer.fit(ER(buffer_size=20), datamodule=ContinualDataModule(n_tasks=2, class_order=list(range(4)), batch_size=16))
+    assert len(trainer.accuracy_matrix) == 2 and (tmp_path / "results.json").is_file()

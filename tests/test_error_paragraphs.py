@@ -148,6 +148,8 @@ CASES = {
     "unknown logger": (["--trainer.logger=NopeLogger"], ["NopeLogger", "CSVLogger"]),
     "precision typo": (["--trainer.precision=bf16-mixd"], ["did you mean 'bf16-mixed'"]),
     "accumulate_grad_batches=0": (["--trainer.accumulate_grad_batches=0"], ["accumulate_grad_batches"]),
+    "barebones with logging": (["--trainer.barebones=true", "--trainer.log_every_n_steps=5"],
+                               ["barebones", "log_every_n_steps=null", "trainer settings were refused"]),
     "negative gradient_clip_val": (["--trainer.gradient_clip_val=-1"], ["gradient_clip_val", "non-negative"]),
     "EWC gamma outside [0, 1]": (["--model=EWC", "--model.gamma=2"], ["gamma", "[0, 1]"]),
     "negative weight_decay": (["--model.weight_decay=-1"], ["weight_decay"]),
