@@ -39,6 +39,9 @@ def install_filters() -> None:
             logger.addFilter(_TipFilter())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     warnings.filterwarnings("once", message=r".*is smaller than the logging interval.*")
+    # clframe's evaluation batch sampler serves every sample exactly once by construction (tested), which is
+    # what Lightning asks the user to check for a custom batch sampler in prediction
+    warnings.filterwarnings("ignore", message=r".*custom batch sampler `TaskBatchSampler` for prediction.*")
 
 
 class QuietRepeats(L.Callback):
