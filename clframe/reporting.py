@@ -2,8 +2,8 @@
 
 ``clframe fit`` reports through ``ContinualTrainer`` (the accuracy matrix, ``results.json``). The other
 subcommands evaluate one checkpoint: the tasks it had seen (``current_task`` in the checkpoint) are
-evaluated, and the result is one row of the accuracy matrix. It is printed, sent to every logger
-(``test/acc_task_j``, ``test/avg_acc_seen``; ``val/...`` for ``validate``) and written as
+evaluated, and the result is one row of the accuracy matrix. It is printed, sent to every logger by the
+strategy (``test/acc_task_j``, ``test/avg_acc_seen``; ``val/...`` for ``validate``) and written as
 ``<stage>_results.json`` in the log folder. ``predict`` returns, and writes as ``predictions.csv``,
 one line per test sample of the seen tasks: task id, target and predicted class.
 """
@@ -55,11 +55,9 @@ def evaluation_row(trainer: L.Trainer, model: Any, stage: str) -> dict[str, Any]
 
 
 def report_evaluation(trainer: L.Trainer, model: Any, stage: str) -> dict[str, Any]:
-    """Print, log and write the row that ``clframe test`` / ``clframe validate`` computed."""
+    """Print and write the row that ``clframe test`` / ``clframe validate`` computed (the strategy logged its
+    metrics through Lightning: ``ContinualModule._log_standalone_evaluation``)."""
     result = evaluation_row(trainer, model, stage)
-    for logger in trainer.loggers:
-        logger.log_metrics(result["metrics"], step=trainer.global_step)
-        logger.save()
     _write_and_print(log_folder(trainer), result)
     return result
 

@@ -205,3 +205,17 @@ def test_barebones_mode_runs_a_stream(tmp_path):
     assert trainer.loggers == [] and trainer.progress_bar_callback is None
     trainer.fit(ER(buffer_size=20), datamodule=ContinualDataModule(n_tasks=2, class_order=list(range(4)), batch_size=16))
     assert len(trainer.accuracy_matrix) == 2 and (tmp_path / "results.json").is_file()
+
+
+def test_trainer_test_and_validate_return_the_accuracies_like_any_lightning_module(tmp_path):
+    """Called by the user after a stream, ``trainer.test`` / ``trainer.validate`` return (and log) the per-task
+    accuracies and their mean over the seen tasks, as Lightning users expect from these calls."""
+    dm = ContinualDataModule(n_tasks=2, class_order=list(range(4)), batch_size=16, val_fraction=0.2)
+    trainer = ContinualTrainer(steps_per_task=3, default_root_dir=tmp_path, **QUIET_TRAINER)
+    model = ER(buffer_size=20)
+    trainer.fit(model, datamodule=dm)
+    (tested,) = trainer.test(model, datamodule=dm, verbose=False)
+    assert set(tested) == {"test/acc_task_0", "test/acc_task_1", "test/avg_acc_seen"}
+    assert [tested["test/acc_task_0"], tested["test/acc_task_1"]] == pytest.approx(trainer.accuracy_matrix[-1])
+    (validated,) = trainer.validate(model, datamodule=dm, verbose=False)
+    assert {"val/acc_task_0", "val/acc_task_1", "val/avg_acc_seen"} <= set(validated)

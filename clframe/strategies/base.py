@@ -459,6 +459,23 @@ class ContinualModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_end()
+        self._log_standalone_evaluation("test")
+
+    def _log_standalone_evaluation(self, prefix: str) -> None:
+        """Log ``<prefix>/acc_task_j`` and ``<prefix>/avg_acc_seen`` (the mean over the tasks seen so far) when the
+        user runs ``trainer.test`` / ``trainer.validate`` (or ``clframe test`` / ``validate``), so Lightning returns
+        them and sends them to the loggers. The stream's own task-end evaluation is reported by ContinualTrainer
+        (``eval/...``), and validation inside ``fit`` logs ``val/avg_acc``: neither logs here."""
+        trainer = self._trainer
+        if trainer is None or getattr(trainer, "evaluating_stream", False) or trainer.state.fn == "fit":
+            return
+        accuracy = self.eval_accuracy
+        for j, a in enumerate(accuracy):
+            if a == a:  # NaN: a task without samples in this split
+                self.log(f"{prefix}/acc_task_{j}", a, sync_dist=False)  # counts are summed over ranks already
+        seen = [a for a in accuracy[: int(self.current_task) + 1] if a == a]
+        if seen:
+            self.log(f"{prefix}/avg_acc_seen", sum(seen) / len(seen), sync_dist=False)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Predicted class of every sample, with its task id and target (``clframe predict``)."""
@@ -473,6 +490,7 @@ class ContinualModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         acc = self._eval_end()
+        self._log_standalone_evaluation("val")
         seen = [a for a in acc if a == a]
         if seen:
             self.log("val/avg_acc", sum(seen) / len(seen), prog_bar=True, sync_dist=False)
