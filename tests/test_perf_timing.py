@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import timing  # noqa: E402
 
+from tests.conftest import requires_data  # noqa: E402
+
 REPLACED = {f"benchmarks/{name}.py" for name in ("overhead", "continual_eval_overhead", "buffer_micro",
                                                  "ewc_fisher_speed", "startup_time", "prompt_cost", "data_cache")}
 
@@ -77,6 +79,7 @@ def test_perf_imports_every_subcommand_module_and_reexports_the_experiment() -> 
     assert out[1] == "True"
 
 
+@requires_data
 def test_the_overhead_sides_do_the_same_computation(tmp_path: Path) -> None:
     """The plain loop, the bare-Lightning program and clframe give one accuracy matrix on a tiny stream: the
     overhead benchmark compares the same work done three ways."""
