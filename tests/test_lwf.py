@@ -62,6 +62,20 @@ def test_distillation_equals_the_formula_by_hand(scenario, kwargs, groups, weigh
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("scenario,kwargs,groups", [
+    ("class", {"distill_classes": "seen"}, [([0, 1, 2, 3, 4, 5], [0, 1, 2, 3])]),
+    ("task", {}, [([0, 1], [0, 1]), ([2, 3], [2, 3])]),
+    ("domain", {}, [([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5])]),
+])
+def test_the_early_reference_averages_over_the_classes_too(scenario, kwargs, groups) -> None:
+    """``distill_average="batch_and_classes"``: the mean over batch and (zero-padded) classes of van de Ven's code
+    before May 2019, i.e. each term divided by its number of student columns."""
+    model, x, student, teacher = tiny_lwf(scenario, distill_average="batch_and_classes", **kwargs)
+    terms = [hand_l_old(student, teacher, s, t) / len(s) for s, t in groups]
+    got = float(model.distillation(x, torch.tensor(student), task=2))
+    assert got == pytest.approx(sum(terms), rel=1e-5)
+
+
 @pytest.mark.parametrize("weighting", ["sum", "balanced"])
 def test_total_loss_weights_new_and_old_terms(weighting) -> None:
     model, x, student, teacher = tiny_lwf("class", weighting=weighting, alpha=0.7)

@@ -137,14 +137,17 @@ class LwF(ContinualModule):
     ``weighting="sum"`` gives ``CE + alpha * sum_g L_old_g`` (the paper, lambda_o = alpha);
     ``"balanced"`` gives ``CE / t + (1 - 1/t) * alpha * mean_g L_old_g`` at the ``t``-th task (van de Ven's
     weighting by the number of tasks seen). ``scale_by_t2`` multiplies ``L_old`` by ``T^2`` (Hinton et al.'s
-    gradient scaling; none of the references does).
+    gradient scaling; van de Ven's implementation does, the paper and Mammoth do not). ``distill_average``:
+    ``"batch"`` sums ``L_old`` over the classes and averages it over the batch (the paper; van de Ven's code since
+    May 2019); ``"batch_and_classes"`` averages over the classes too (van de Ven's code before then).
 
     Args:
         alpha: weight of the distillation term (the paper's lambda_o).
         temperature: softmax temperature ``T`` (the paper's 2).
         distill_classes: class-incremental only: ``"seen"`` or ``"old"`` (see above).
         weighting: ``"sum"`` (the paper) or ``"balanced"`` (van de Ven).
-        scale_by_t2: multiply the distillation term by ``T^2`` (clframe before 2026-12 did).
+        scale_by_t2: multiply the distillation term by ``T^2`` (van de Ven's implementation does).
+        distill_average: ``"batch"`` (default) or ``"batch_and_classes"`` (see above).
         warmup_epochs: epochs of head-only warm-up at each task start after the first; ``None`` takes the
             trainer's ``epochs_per_task`` (Mammoth's choice), 0 turns it off. Domain-incremental streams
             have no new head rows, so nothing is warmed up there.
@@ -154,7 +157,7 @@ class LwF(ContinualModule):
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0,
                  distill_classes: Literal["seen", "old"] = "seen", weighting: Literal["sum", "balanced"] = "sum",
                  scale_by_t2: bool = False, warmup_epochs: int | None = None, warmup_lr: float | None = None,
-                 **kwargs: Any) -> None:
+                 distill_average: Literal["batch", "batch_and_classes"] = "batch", **kwargs: Any) -> None:
         if not math.isfinite(temperature) or temperature <= 0:  # softmax(z / 0) is NaN at the first distillation step
             raise ConfigError(f"LwF temperature must be a positive number (the paper uses 2), got {temperature}")
         if not math.isfinite(alpha) or alpha < 0:
@@ -164,6 +167,8 @@ class LwF(ContinualModule):
             raise ConfigError(f"distill_classes must be 'seen' or 'old', got {distill_classes!r}")
         if weighting not in ("sum", "balanced"):
             raise ConfigError(f"weighting must be 'sum' or 'balanced', got {weighting!r}")
+        if distill_average not in ("batch", "batch_and_classes"):
+            raise ConfigError(f"distill_average must be 'batch' or 'batch_and_classes', got {distill_average!r}")
         if warmup_epochs is not None and warmup_epochs < 0:
             raise ConfigError(f"warmup_epochs must be non-negative (0 turns the warm-up off), got {warmup_epochs}")
         self.teacher: nn.Module | None = None
@@ -238,7 +243,8 @@ class LwF(ContinualModule):
         with torch.no_grad():
             teacher_logits = self.teacher["head"](self.teacher["backbone"](self.preprocess(x)))
         temp = self.hparams.temperature
-        terms = [soft_cross_entropy(student_logits[:, s], teacher_logits[:, t], temp)
+        per_class = self.hparams.get("distill_average", "batch") == "batch_and_classes"
+        terms = [soft_cross_entropy(student_logits[:, s], teacher_logits[:, t], temp, average_classes=per_class)
                  for s, t in self.distillation_groups(task)]
         total = torch.stack(terms).sum() if terms else student_logits.new_zeros(())
         if self.hparams.weighting == "balanced" and terms:
